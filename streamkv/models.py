@@ -80,7 +80,9 @@ def load(name: str | None = None, dtype: str = "float32", threads: int | None = 
     """Load (model, tokenizer), ready for streaming. Raises UnsupportedModelError for architectures that
     cannot be streamed correctly, with the reason."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-load weight bar is noise in a CLI
     if threads:
         torch.set_num_threads(threads)
     if dtype not in ("float32", "bfloat16", "float16"):

@@ -46,7 +46,7 @@ class StreamSession:
 
     def _ids(self, data) -> torch.Tensor:
         if isinstance(data, str):
-            ids = self.encode(data)
+            ids = self.encode(data) if data else []
         elif torch.is_tensor(data):
             ids = data.reshape(-1).tolist()
         else:

@@ -161,16 +161,24 @@ class StreamingCache(Cache):
         if budget is not None and sinks >= budget:
             raise ValueError(f"sinks ({sinks}) must be smaller than the cache budget ({budget}): no room for recent tokens")
         self.rope = rope_for(model)
+        # Bounded caches reorder tokens inside the buffer, which a sliding-window mask (index arithmetic)
+        # would misread; dense keeps stream order, so the model's own sliding mask stays right.
         window = getattr(model.config, "sliding_window", None)
         if window is not None and getattr(model.config, "use_sliding_window", True) is not False:
-            if budget is None or budget + 1 > window:
+            if budget is not None and budget + 1 > window:
                 raise UnsupportedModelError(
                     f"the model attends within a sliding window of {window} tokens, but this cache keeps "
-                    f"{'every token' if budget is None else budget + 1}; choose a budget below {window}."
+                    f"{budget + 1}; choose a budget below {window}."
                 )
         super().__init__(layers=[])
         self.budget, self.sinks = budget, sinks
-        self.max_position = max_position if max_position is not None else (2 * budget + 256 if budget else None)
+        if max_position is None and budget is not None:
+            # restart positions every ~budget+256 tokens; stay inside the trained context when it is small
+            max_position = 2 * budget + 256
+            trained = getattr(model.config, "max_position_embeddings", None)
+            if trained:
+                max_position = min(max_position, max(trained, budget + 1))
+        self.max_position = max_position
         cap = budget + 1 if budget is not None else 256
         self.seq = torch.full((cap,), -1, dtype=torch.long)  # per slot: index of the token in the stream
         self.pos = torch.zeros(cap, dtype=torch.long)  # per slot: position its stored key is rotated at

@@ -1,0 +1,299 @@
+"""The `streamkv` command line: chat, generate, info, demo (+ eval, bench and serve when installed)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+POLICY_HELP = "cache policy: sink (StreamingLLM, default), window, dense (keep all), recompute (slow reference)"
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face id or local folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch (default: 2)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: float32)")
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default="sink", help=POLICY_HELP)
+    p.add_argument("--sinks", type=int, default=None, help="attention sinks kept by `sink` (default 4)")
+    p.add_argument("--window", type=int, default=None, help="recent tokens kept (default 1020 for sink, 1024 for window/recompute)")
+    p.add_argument("--chunk-size", type=int, default=512, help="tokens per forward when feeding long input (default 512)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"tokens to generate (default {max_new_tokens}; any length, the cache stays bounded)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def policy_from_args(args, model):
+    from .policies import POLICIES, make_policy, policy_params
+
+    if args.policy not in POLICIES:
+        raise ValueError(f"unknown --policy {args.policy!r}; choose one of: {', '.join(POLICIES)}")
+    accepted = policy_params(args.policy)
+    params = {}
+    for flag in ("sinks", "window"):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if flag not in accepted:
+            raise ValueError(f"--{flag} does not apply to policy {args.policy!r} (it takes: {', '.join(accepted) or 'nothing'})")
+        params[flag] = value
+    return make_policy(args.policy, model, **params)
+
+
+def load_session(args):
+    from .models import load
+    from .session import StreamSession
+
+    t0 = time.perf_counter()
+    model, tokenizer = load(args.model, dtype=args.dtype, threads=args.threads)
+    policy = policy_from_args(args, model)
+    session = StreamSession(model, tokenizer, policy, chunk_size=args.chunk_size)
+    return session, time.perf_counter() - t0
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop=args.stop)
+
+
+def status_line(session) -> str:
+    s = session.stats()
+    return (f"[{s['policy']} | seen {s['tokens_seen']:,} tok | cached {s['tokens_cached']:,} tok | "
+            f"KV {s['cache_bytes'] / 2**20:.1f} MiB | RSS {_rss_mb():.0f} MiB]")
+
+
+# ---- commands ----------------------------------------------------------------------------------------
+def cmd_chat(args) -> int:
+    session, secs = load_session(args)
+    interactive = sys.stdin.isatty()
+    print(f"streamkv chat: {session.model.streamkv_name}, loaded in {secs:.1f}s. "
+          "Endless: the cache stays bounded however long you talk. /stats, /quit.", file=sys.stderr)
+    if args.system:
+        session.messages.append({"role": "system", "content": args.system})
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/stats":
+            print(status_line(session), file=sys.stderr)
+            continue
+        print("bot> ", end="", flush=True)
+        t0 = time.perf_counter()
+        n = 0
+        for piece in session.chat(line, **sampling_kwargs(args)):
+            n += 1
+            print(piece, end="", flush=True)
+        dt = time.perf_counter() - t0
+        print()
+        print(f"{status_line(session)} {dt:.1f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ValueError("give --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompt = f.read()
+    elif args.prompt is not None:
+        prompt = args.prompt
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    else:
+        raise ValueError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    session, secs = load_session(args)
+    if args.chat:
+        pieces = session.chat(prompt, **sampling_kwargs(args))
+    else:
+        session.feed(prompt)
+        pieces = session.generate(**sampling_kwargs(args))
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"{status_line(session)} finish={session.last_finish_reason} load={secs:.1f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from .models import resolve
+    from .rope import rope_for
+
+    session, secs = load_session(args)
+    model, cfg = session.model, session.model.config
+    rope = rope_for(model)
+    kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    head_dim = rope.head_dim
+    bytes_per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch.finfo(model.dtype).bits // 8
+    budget = getattr(session.policy, "budget", None)
+    rows = [
+        ("model", f"{session.model.streamkv_name} ({resolve(args.model)})"),
+        ("architecture", f"{cfg.model_type}: {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query / {kv_heads} KV heads, head_dim {head_dim}"),
+        ("parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M ({model.dtype})"),
+        ("trained context", f"{getattr(cfg, 'max_position_embeddings', '?')} tokens"),
+        ("rotary", f"{rope.rotary_dim} of {head_dim} dims rotate (verified by probe)"),
+        ("policy", ", ".join(f"{k}={v}" for k, v in session.policy.describe().items())),
+        ("KV per token", f"{bytes_per_token / 1024:.1f} KiB"),
+        ("KV cache bound", "none (grows with the stream)" if budget is None or session.policy.name == "dense"
+         else f"{(budget + 1) * bytes_per_token / 2**20:.1f} MiB for {budget} kept tokens (+ the chunk being fed)"),
+        ("load time", f"{secs:.2f} s"),
+        ("process RSS", f"{_rss_mb():.0f} MiB"),
+        ("threads", str(torch.get_num_threads())),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+    return 0
+
+
+def demo_text(n_tokens_hint: int) -> str:
+    """A long, varied, deterministic text (no data files needed): numbered log entries."""
+    import random
+
+    rng = random.Random(0)
+    places = ["north gate", "river mill", "old bridge", "harbour", "east tower", "market square", "lighthouse"]
+    lines = []
+    for i in range(1, n_tokens_hint // 18 + 2):
+        lines.append(f"Entry {i}: the keeper at the {rng.choice(places)} counted {rng.randint(2, 99)} boats "
+                     f"and noted the weather as {rng.choice(['calm', 'windy', 'rainy', 'foggy', 'clear'])}.")
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    from tqdm import tqdm
+
+    session, secs = load_session(args)
+    tok = session.tokenizer
+    ids = tok(demo_text(args.tokens), add_special_tokens=False).input_ids[: args.tokens]
+    cfg = session.model.config
+    print(f"Loaded {session.model.streamkv_name} in {secs:.1f}s. Streaming {len(ids):,} tokens "
+          f"(trained context: {cfg.max_position_embeddings:,}) through policy "
+          f"{session.policy.describe()} ...\n", flush=True)
+    print(f"{'tokens seen':>12} {'cached':>8} {'KV MiB':>8} {'dense KV MiB':>13} {'RSS MiB':>8} {'tok/s':>8} {'next pos':>9}")
+    step = args.report_every
+    t_start = time.perf_counter()
+    per_token = None
+    with tqdm(total=len(ids), unit="tok", file=sys.stderr, leave=False, disable=not sys.stderr.isatty()) as bar:
+        for start in range(0, len(ids), step):
+            t0 = time.perf_counter()
+            session.feed(ids[start : start + step])
+            dt = time.perf_counter() - t0
+            bar.update(min(step, len(ids) - start))
+            s = session.stats()
+            if per_token is None and s["tokens_cached"]:
+                per_token = s["cache_bytes"] / max(1, session.policy.budget + 1 if session.policy.budget else s["tokens_cached"])
+            dense_mib = (per_token or 0) * s["tokens_seen"] / 2**20
+            tqdm.write(f"{s['tokens_seen']:>12,} {s['tokens_cached']:>8,} {s['cache_bytes'] / 2**20:>8.1f} {dense_mib:>13.1f} "
+                       f"{_rss_mb():>8.0f} {min(step, len(ids) - start) / dt:>8.0f} {str(s['next_position']):>9}")
+    print(f"\nFed {len(ids):,} tokens in {time.perf_counter() - t_start:.0f}s. Now the model continues the stream "
+          f"at token {len(ids):,} ({args.max_new_tokens} tokens, greedy):\n", flush=True)
+    session.feed("\nEntry")
+    t0 = time.perf_counter()
+    n = 0
+    print("Entry", end="")
+    for piece in session.generate(max_new_tokens=args.max_new_tokens):
+        print(piece, end="", flush=True)
+        n += 1
+    dt = time.perf_counter() - t0
+    print(f"\n\n{status_line(session)}  decode {1000 * dt / max(1, args.max_new_tokens):.0f} ms/token")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamkv",
+        description="Run pretrained transformer LMs over unbounded token streams in constant memory "
+                    "(StreamingLLM attention sinks and other KV-cache policies). Offline by default: the embedded "
+                    "SmolLM2-135M-Instruct model is used unless --model is given.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("chat", help="endless interactive chat in the terminal",
+                       description="Chat with the model; every turn is appended to one endless stream whose KV cache stays bounded. "
+                                   "Type /stats for cache usage, /quit to leave. Reads stdin line by line when piped.")
+    add_model_args(p); add_policy_args(p); add_sampling_args(p, 256)
+    p.add_argument("--system", default=None, help="system prompt for the conversation")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="continue a prompt, any length",
+                       description="Feed a prompt (any length: it is fed in chunks with eviction) and stream the continuation to stdout.")
+    add_model_args(p); add_policy_args(p); add_sampling_args(p, 256)
+    p.add_argument("--prompt", default=None, help="prompt text (or use --prompt-file, or stdin)")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="model, policy and memory figures",
+                       description="Load the model and print its architecture, the cache policy, KV bytes per token and the cache bound.")
+    add_model_args(p); add_policy_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="stream far past the model's context and watch memory stay flat",
+                       description="Feed a long generated text (default 20,000 tokens, well past SmolLM2's 8,192) through the cache "
+                                   "policy, printing tokens seen, tokens cached, KV bytes and process RSS as it goes, then let "
+                                   "the model continue the stream.")
+    add_model_args(p); add_policy_args(p)
+    p.add_argument("--tokens", type=int, default=20000, help="tokens to stream (default 20000)")
+    p.add_argument("--report-every", type=int, default=2048, help="print a line every N tokens (default 2048)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated at the end (default 48)")
+    p.set_defaults(func=cmd_demo)
+
+    for module in ("streamkv.evaluation.commands", "streamkv.server.commands"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ImportError as e:
+            if e.name and e.name.startswith(module.rsplit(".", 1)[0]):
+                continue  # that part is not installed in this checkout
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    for name in ("threads", "chunk_size", "max_new_tokens", "tokens", "report_every", "window", "sinks"):
+        value = getattr(args, name, None)
+        if value is not None and value < (0 if name == "sinks" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'sinks' else 'a positive integer'}, got {value}")
+    from .rope import UnsupportedModelError
+
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, UnsupportedModelError) as e:
+        print(f"streamkv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Every cache policy against an exact reference: dense attention, or a fresh forward over the kept tokens."""
+import pytest
+import torch
+from tiny import ARCHS, VOCAB, make_tiny
+
+from streamkv import make_policy
+from streamkv.session import StreamSession
+
+torch.set_grad_enabled(False)
+
+
+def random_ids(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (1, n), generator=g)
+
+
+def stream(model, cache, ids, chunk_sizes):
+    """Feed ids through the cache in chunks of the given sizes (cycled); return logits of every token."""
+    outs, start, i = [], 0, 0
+    while start < ids.shape[1]:
+        q = chunk_sizes[i % len(chunk_sizes)]
+        chunk = ids[:, start : start + q]
+        out = model(input_ids=chunk, position_ids=cache.position_ids(chunk.shape[1]), past_key_values=cache, use_cache=True)
+        outs.append(out.logits[0])
+        start, i = start + q, i + 1
+    return torch.cat(outs)
+
+
+POLICIES_WITH_ROOM = [("sink", dict(sinks=4, window=200)), ("window", dict(window=200)), ("dense", {})]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("policy,params", POLICIES_WITH_ROOM)
+def test_budget_larger_than_stream_equals_dense(arch, policy, params):
+    model = make_tiny(arch, layers=2)
+    ids = random_ids(90)
+    reference = model(ids).logits[0]
+    cache = make_policy(policy, model, **params)
+    got = stream(model, cache, ids, [7, 1, 1, 13, 1])
+    assert (got - reference).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_policy_as_past_key_values_in_generate(arch):
+    model = make_tiny(arch, layers=2)
+    prompt = random_ids(12, seed=1)
+    kwargs = dict(max_new_tokens=40, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    dense = model.generate(prompt, **kwargs)
+    for policy, params in POLICIES_WITH_ROOM:
+        out = model.generate(prompt, past_key_values=make_policy(policy, model, **params), **kwargs)
+        assert torch.equal(out.sequences, dense.sequences), policy
+        diff = max((a - b).abs().max().item() for a, b in zip(out.logits, dense.logits))
+        assert diff < 1e-4, (policy, diff)
+
+
+def kept_before(t, sinks, window):
+    """Stream indices a sinks+window cache holds before token t arrives (evict-after semantics)."""
+    earlier = list(range(t))
+    if len(earlier) <= sinks + window:
+        return earlier
+    return earlier[:sinks] + earlier[-window:]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("chunks", [[1], [5, 1, 1, 9, 1, 2]], ids=["token-by-token", "chunked"])
+@pytest.mark.parametrize("sinks", [3, 0], ids=["sink", "window"])
+def test_positions_equal_fresh_forward_over_kept_tokens(arch, chunks, sinks):
+    """One layer: a token's key and value depend on that token alone, so streaming must give, at every step,
+    exactly the logits of a fresh forward over (kept tokens + new tokens) at contiguous positions 0..n."""
+    window = 6
+    model = make_tiny(arch, layers=1)
+    cache = make_policy("sink", model, sinks=sinks, window=window) if sinks else make_policy("window", model, window=window)
+    cache.max_position = 24  # force many position restarts (re-rotation of the whole window) in a short stream
+    ids = random_ids(150, seed=2)
+    start, i, restarts, max_pos = 0, 0, 0, 0
+    while start < ids.shape[1]:
+        q = chunks[i % len(chunks)]
+        chunk = ids[:, start : start + q]
+        q = chunk.shape[1]
+        before = cache.next_pos
+        pos = cache.position_ids(q)
+        restarts += int(pos[0, 0].item() != before)
+        max_pos = max(max_pos, int(pos.max()))
+        got = model(input_ids=chunk, position_ids=pos, past_key_values=cache, use_cache=True).logits[0]
+        context = kept_before(start, sinks, window) + list(range(start, start + q))
+        reference = model(ids[:, context]).logits[0, -q:]  # positions 0..len(context)-1
+        assert (got - reference).abs().max().item() < 1e-4, f"step at token {start}"
+        assert cache.n_kept == min(start + q, sinks + window)
+        start, i = start + q, i + 1
+    assert restarts >= 3, "the test should exercise position restarts"
+    assert max_pos < max(24, sinks + window + max(chunks))
+
+
+def test_memory_bounded_after_50k_tokens():
+    model = make_tiny("llama", layers=2)
+    session = StreamSession(model, None, "sink", sinks=4, window=252, chunk_size=500)
+    ids = random_ids(50_000, seed=3)[0]
+    session.feed(ids[:2000])
+    at_2k = session.stats()
+    session.feed(ids[2000:49_800])
+    for t in ids[49_800:].tolist():  # the decode path (one token per step) too
+        session.feed([t])
+    at_50k = session.stats()
+    assert at_2k["tokens_cached"] == at_50k["tokens_cached"] == 256
+    assert at_50k["tokens_seen"] == 50_000
+    assert at_2k["cache_bytes"] == at_50k["cache_bytes"] > 0
+    dense_bytes_per_token = at_2k["cache_bytes"] / 257
+    assert at_50k["cache_bytes"] < 300 * dense_bytes_per_token
+
+
+def test_positions_bounded_after_one_million_tokens():
+    """1,000,000 tokens through a one-layer model in chunks: positions never pass the bound, and the final
+    logits still equal a fresh forward over sinks + window (no drift of re-rotated sink keys)."""
+    sinks, window, chunk = 4, 124, 2048
+    model = make_tiny("llama", layers=1)
+    cache = make_policy("sink", model, sinks=sinks, window=window)
+    session = StreamSession(model, None, cache, chunk_size=chunk)
+    total = 1_000_000
+    g = torch.Generator().manual_seed(4)
+    bound = max(cache.max_position, sinks + window + chunk)
+    highest = 0
+    first = None
+    fed = 0
+    while fed < total - 1:
+        q = min(chunk, total - 1 - fed)
+        ids = torch.randint(3, VOCAB, (q,), generator=g)
+        if first is None:
+            first = ids[:sinks].clone()
+        session.feed(ids)
+        highest = max(highest, cache.next_pos)
+        fed += q
+        last_window = ids[-window:] if q >= window else None
+    assert highest <= bound, (highest, bound)
+    final = torch.tensor([5])
+    got = session.feed(final)
+    context = torch.cat([first, last_window, final]).unsqueeze(0)
+    reference = model(context).logits[0, -1]
+    assert (got - reference).abs().max().item() < 1e-4
+    assert cache.seen == total and cache.n_kept == sinks + window
