@@ -140,7 +140,7 @@ def cmd_generate(args) -> int:
 def cmd_info(args) -> int:
     import torch
 
-    from .models import resolve
+    from .models import kv_bytes_per_token, resolve
     from .rope import rope_for
 
     session, secs = load_session(args)
@@ -148,7 +148,7 @@ def cmd_info(args) -> int:
     rope = rope_for(model)
     kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     head_dim = rope.head_dim
-    bytes_per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch.finfo(model.dtype).bits // 8
+    bytes_per_token = kv_bytes_per_token(model)
     budget = getattr(session.policy, "budget", None)
     rows = [
         ("model", f"{session.model.streamkv_name} ({resolve(args.model)})"),
@@ -194,9 +194,11 @@ def cmd_demo(args) -> int:
           f"(trained context: {cfg.max_position_embeddings:,}) through policy "
           f"{session.policy.describe()} ...\n", flush=True)
     print(f"{'tokens seen':>12} {'cached':>8} {'KV MiB':>8} {'dense KV MiB':>13} {'RSS MiB':>8} {'tok/s':>8} {'next pos':>9}")
+    from .models import kv_bytes_per_token
+
     step = args.report_every
     t_start = time.perf_counter()
-    per_token = None
+    per_token = kv_bytes_per_token(session.model)
     with tqdm(total=len(ids), unit="tok", file=sys.stderr, leave=False, disable=not sys.stderr.isatty()) as bar:
         for start in range(0, len(ids), step):
             t0 = time.perf_counter()
@@ -204,9 +206,7 @@ def cmd_demo(args) -> int:
             dt = time.perf_counter() - t0
             bar.update(min(step, len(ids) - start))
             s = session.stats()
-            if per_token is None and s["tokens_cached"]:
-                per_token = s["cache_bytes"] / max(1, session.policy.budget + 1 if session.policy.budget else s["tokens_cached"])
-            dense_mib = (per_token or 0) * s["tokens_seen"] / 2**20
+            dense_mib = per_token * s["tokens_seen"] / 2**20  # what a dense cache would hold by now
             tqdm.write(f"{s['tokens_seen']:>12,} {s['tokens_cached']:>8,} {s['cache_bytes'] / 2**20:>8.1f} {dense_mib:>13.1f} "
                        f"{_rss_mb():>8.0f} {min(step, len(ids) - start) / dt:>8.0f} {str(s['next_position']):>9}")
     print(f"\nFed {len(ids):,} tokens in {time.perf_counter() - t_start:.0f}s. Now the model continues the stream "

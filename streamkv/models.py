@@ -104,4 +104,12 @@ def load(name: str | None = None, dtype: str = "float32", threads: int | None = 
     return model, tokenizer
 
 
-__all__ = ["load", "resolve", "embedded_gguf", "cache_dir", "EMBEDDED", "UnsupportedModelError"]
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys + values one token costs in a dense KV cache (all layers)."""
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch.finfo(model.dtype).bits // 8
+
+
+__all__ = ["kv_bytes_per_token", "load", "resolve", "embedded_gguf", "cache_dir", "EMBEDDED", "UnsupportedModelError"]

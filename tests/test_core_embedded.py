@@ -77,6 +77,15 @@ def test_cli_generate_and_info():
     assert r.returncode == 0 and "30 layers, 9 query / 3 KV heads" in r.stdout and "KV per token" in r.stdout
 
 
+def test_cli_chat_reads_turns_from_stdin():
+    r = subprocess.run([sys.executable, "-m", "streamkv", "chat", "--max-new-tokens", "12", "--window", "40"],
+                       input="What is the capital of France?\n/stats\nAnd of Italy?\n", capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and r.stdout.count("bot>") == 2
+    assert r.stderr.count("cached") >= 3  # a status line after each turn, and /stats
+
+
 @pytest.mark.parametrize("args,message", [
     (["generate", "--prompt", "x", "--policy", "lru"], "unknown --policy 'lru'"),
     (["generate", "--prompt", "x", "--policy", "window", "--sinks", "4"], "--sinks does not apply to policy 'window'"),

@@ -137,3 +137,17 @@ def test_positions_bounded_after_one_million_tokens():
     reference = model(context).logits[0, -1]
     assert (got - reference).abs().max().item() < 1e-4
     assert cache.seen == total and cache.n_kept == sinks + window
+    # the position table itself: window keys sit at contiguous positions ending right before the next token;
+    # sinks precede them (they are moved up to the window, from pristine copies, when the next step is planned)
+    kept = cache.seq[: cache.n_used] >= 0
+    order = cache.seq[: cache.n_used][kept].argsort()
+    positions = cache.pos[: cache.n_used][kept][order]
+    assert torch.equal(positions[sinks:], torch.arange(cache.next_pos - window, cache.next_pos))
+    assert bool((positions[1:] > positions[:-1]).all()) and int(positions[0]) >= 0
+
+
+def test_batched_input_refused():
+    model = make_tiny("llama", layers=1)
+    cache = make_policy("sink", model, sinks=2, window=8)
+    with pytest.raises(ValueError, match="batch size 1"):
+        model(random_ids(4).repeat(2, 1), past_key_values=cache, use_cache=True)

@@ -221,6 +221,9 @@ BAD = [
     ("get-unknown-session", "GET", f"/v1/sessions/{UNKNOWN_SESSION}", None, {}, 404, "session_not_found", None),
     ("state-unknown-session", "GET", f"/v1/sessions/{UNKNOWN_SESSION}/state", None, {}, 404, "session_not_found", None),
     ("delete-unknown-session", "DELETE", f"/v1/sessions/{UNKNOWN_SESSION}", None, {}, 404, "session_not_found", None),
+    ("list-limit-type", "GET", "/v1/sessions?limit=abc", None, {}, 400, "invalid_value", "limit"),
+    ("state-logits-value", "GET", f"/v1/sessions/{UNKNOWN_SESSION}/state?logits=some", None, {}, 400, "invalid_value",
+     "logits"),
     ("unknown-route", "GET", "/v1/nothing", None, {}, 404, "not_found", None),
     ("wrong-method", "GET", "/v1/chat/completions", None, {}, 405, "method_not_allowed", None),
 ]

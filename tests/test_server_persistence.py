@@ -3,7 +3,6 @@ per-session serialisation. Real server processes on loopback, tiny random model.
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
@@ -101,91 +100,62 @@ def test_sigterm_finishes_running_turn_and_flushes(tiny_model, tmp_path):  # noq
         srv2.stop()
 
 
-def test_lru_eviction_reloads_exactly(tiny_model, tmp_path):  # noqa: F811
-    srv = Server(tiny_model, tmp_path / "data", "--policy", POLICY, "--max-resident-sessions", "2").start()
-    try:
-        http, client = srv.http(), srv.client()
-        a, b, c = (create_session(http) for _ in range(3))
-        msgs = ["alpha " * 20, "beta gamma", "delta epsilon zeta"]
-        replies = {}
-        for m in msgs:  # round-robin over three sessions with room for two: every turn reloads from disk
-            for sid in (a, b, c):
-                replies.setdefault(sid, []).append(say(client, sid, m))
-        health = http.get("/health").json()
-        assert health["resident_sessions"] <= 2
-        assert health["counters"]["evictions"] >= 6 and health["counters"]["loads"] >= 9
-        ref = create_session(http)  # the same turns on one session, never evicted between them
-        ref_replies = [say(client, ref, m) for m in msgs]
-        assert replies[a] == replies[b] == replies[c] == ref_replies
-        assert state(http, a)["logits_sha256"] == state(http, ref)["logits_sha256"]
-    finally:
-        srv.stop()
+@pytest.fixture(scope="module")
+def small(tiny_model, tmp_path_factory):  # noqa: F811
+    """Room for one resident session (and 1 MiB of cache estimate)."""
+    srv = Server(tiny_model, tmp_path_factory.mktemp("small") / "data", "--policy", POLICY,
+                 "--max-resident-sessions", "1", "--max-tokens-cap", "3000", "--max-cache-mb", "1").start()
+    yield srv
+    srv.stop()
 
 
-def test_budget_exhausted_gives_429_with_retry_after(tiny_model, tmp_path):  # noqa: F811
-    srv = Server(tiny_model, tmp_path / "data", "--policy", POLICY, "--max-resident-sessions", "1",
-                 "--max-tokens-cap", "3000", "--max-cache-mb", "1").start()
-    try:
-        http = srv.http()
-        a, b = create_session(http), create_session(http)
-        # a policy whose cache alone exceeds the byte budget is refused up front
-        r = http.post("/v1/sessions", json={"policy": "sink:sinks=4,window=100000"})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "policy"
-        hc, cm = stream_chat(srv, a, "keep the only slot busy", 2500)
-        with cm as r:
-            lines = r.iter_lines()  # keep a reference: a collected iterator would close the response
-            next(line for line in lines if line.startswith("data: "))
-            busy = http.post("/v1/chat/completions", json={"model": TINY, "session_id": b, "max_tokens": 2,
-                                                           "messages": [{"role": "user", "content": "hi"}]})
-            stateless = http.post("/v1/chat/completions", json={"model": TINY, "max_tokens": 2,
-                                                                "messages": [{"role": "user", "content": "hi"}]})
-            for resp in (busy, stateless):
-                assert resp.status_code == 429, resp.text
-                assert int(resp.headers["retry-after"]) >= 1
-                assert resp.json()["error"]["type"] == "rate_limit_error"
-            assert http.get("/health").json()["status"] == "ok"  # the loop stays responsive meanwhile
-            r.close()  # client goes away: the turn is cancelled and rolled back
-        hc.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # once the slot is free, b is served
-            r = http.post("/v1/chat/completions", json={"model": TINY, "session_id": b, "max_tokens": 2,
-                                                        "messages": [{"role": "user", "content": "hi"}]})
-            if r.status_code != 429:
-                break
-            time.sleep(float(r.headers["retry-after"]) / 4)
-        assert r.status_code == 200, r.text
-        assert http.get(f"/v1/sessions/{a}").json()["turns"] == 0  # the cancelled turn was never acknowledged
-        assert http.get("/health").json()["counters"]["rollbacks"] >= 1
-    finally:
-        srv.stop()
+def test_lru_eviction_reloads_exactly(small):
+    srv = small
+    http, client = srv.http(), srv.client()
+    a, b, c = (create_session(http) for _ in range(3))
+    msgs = ["alpha " * 20, "beta gamma", "delta epsilon zeta"]
+    replies = {}
+    for m in msgs:  # round-robin over three sessions with room for one: every turn reloads from disk
+        for sid in (a, b, c):
+            replies.setdefault(sid, []).append(say(client, sid, m))
+    health = http.get("/health").json()
+    assert health["resident_sessions"] <= 1
+    assert health["counters"]["evictions"] >= 6 and health["counters"]["loads"] >= 9
+    ref = create_session(http)  # the same turns on one session, never evicted between them
+    ref_replies = [say(client, ref, m) for m in msgs]
+    assert replies[a] == replies[b] == replies[c] == ref_replies
+    assert state(http, a)["logits_sha256"] == state(http, ref)["logits_sha256"]
 
 
-def test_requests_to_one_session_are_serialised(tiny_model, tmp_path):  # noqa: F811
-    srv = Server(tiny_model, tmp_path / "data", "--policy", POLICY).start()
-    try:
-        http, client = srv.http(), srv.client()
-        sid = create_session(http)
-        texts = [f"message number {i} " * 3 for i in range(4)]
-        errors = []
-
-        def send(t):
-            try:
-                say(client, sid, t, max_tokens=6)
-            except Exception as e:  # noqa: BLE001
-                errors.append(e)
-        threads = [threading.Thread(target=send, args=(t,)) for t in texts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors
-        turns = http.get(f"/v1/sessions/{sid}/messages").json()["data"]
-        assert [t["role"] for t in turns] == ["user", "assistant"] * 4
-        order = [t["content"] for t in turns[::2]]
-        assert sorted(order) == sorted(texts)
-        ref = create_session(http)  # replaying the observed order sequentially gives the same stream
-        ref_replies = [say(client, ref, t, max_tokens=6) for t in order]
-        assert ref_replies == [t["content"] for t in turns[1::2]]
-        assert state(http, ref)["logits_sha256"] == state(http, sid)["logits_sha256"]
-    finally:
-        srv.stop()
+def test_budget_exhausted_gives_429_with_retry_after(small):
+    srv = small
+    http = srv.http()
+    a, b = create_session(http), create_session(http)
+    # a policy whose cache alone exceeds the byte budget is refused up front
+    r = http.post("/v1/sessions", json={"policy": "sink:sinks=4,window=100000"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "policy"
+    hc, cm = stream_chat(srv, a, "keep the only slot busy", 2500)
+    with cm as r:
+        lines = r.iter_lines()  # keep a reference: a collected iterator would close the response
+        next(line for line in lines if line.startswith("data: "))
+        busy = http.post("/v1/chat/completions", json={"model": TINY, "session_id": b, "max_tokens": 2,
+                                                       "messages": [{"role": "user", "content": "hi"}]})
+        stateless = http.post("/v1/chat/completions", json={"model": TINY, "max_tokens": 2,
+                                                            "messages": [{"role": "user", "content": "hi"}]})
+        for resp in (busy, stateless):
+            assert resp.status_code == 429, resp.text
+            assert int(resp.headers["retry-after"]) >= 1
+            assert resp.json()["error"]["type"] == "rate_limit_error"
+        assert http.get("/health").json()["status"] == "ok"  # the loop stays responsive meanwhile
+        r.close()  # client goes away: the turn is cancelled and rolled back
+    hc.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # once the slot is free, b is served
+        r = http.post("/v1/chat/completions", json={"model": TINY, "session_id": b, "max_tokens": 2,
+                                                    "messages": [{"role": "user", "content": "hi"}]})
+        if r.status_code != 429:
+            break
+        time.sleep(float(r.headers["retry-after"]) / 4)
+    assert r.status_code == 200, r.text
+    assert http.get(f"/v1/sessions/{a}").json()["turns"] == 0  # the cancelled turn was never acknowledged
+    assert http.get("/health").json()["counters"]["rollbacks"] >= 1

@@ -93,7 +93,10 @@ def register(subparsers) -> None:
                          description="Streaming perplexity: feed a text file as ONE stream through each policy and "
                                      "score every token's prediction. Writes JSON (summary by segment, binned curve, "
                                      "paired comparison on sampled positions) and a PNG of perplexity against position.")
-    p.add_argument("--text", required=True, help="UTF-8 text file to stream (e.g. a whole book)")
+    p.add_argument("--text", default=None, help="UTF-8 text file to stream (e.g. a whole book); required unless --merge")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="instead of running: merge result JSONs of runs over the same text/--tokens/--sample "
+                        "(e.g. policies run as parallel jobs) into --out and --plot")
     p.add_argument("--tokens", type=_nonneg, default=0, help="use the first N tokens of the file (0 = all)")
     p.add_argument("--policy", action="append", help=POLICY_HELP + " (default: sink,window,dense,recompute)")
     p.add_argument("--mode", choices=["chunked", "token"], default="chunked",

@@ -140,6 +140,12 @@ def bootstrap_ratio(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int 
 
 # ---- the command ---------------------------------------------------------------------------------------
 def run(args) -> int:
+    if args.merge:
+        merge(args.merge, args.out, args.plot)
+        print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""), file=sys.stderr)
+        return 0
+    if not args.text:
+        raise EvalError("--text is required (or --merge)")
     specs = parse_policies(args.policy, default="sink,window,dense,recompute")
     if args.chunk_size < 1:
         raise EvalError("--chunk-size must be at least 1")
@@ -193,6 +199,9 @@ def run(args) -> int:
         entry["ppl"] = _ppl(nll)
         entry["segments"] = segments(pos, nll, n_targets)
         entry["curve"] = curve(pos, nll, n_bins=60 if len(pos) > 2000 else 12)
+        if samples is not None:  # NLL at the sampled positions this policy covers (for paired comparisons/merging)
+            keep = np.isin(pos, samples)
+            entry["sampled"] = {"position": pos[keep].tolist(), "nll": [round(float(v), 5) for v in nll[keep]]}
         per_pos[spec.label] = (pos, nll)
         full[spec.label] = nll
         result["policies"].append(entry)
@@ -230,18 +239,74 @@ def parse_caps(values: list[str]) -> dict:
 
 
 def paired(per_pos: dict, samples: np.ndarray) -> dict:
-    """Every policy scored on the sampled positions it covers (all of them, or up to its dense cap)."""
+    """Every policy scored on the sampled positions; each compared with recompute on the positions both cover
+    (all of them, or those below a policy's token cap)."""
     out = {"positions": int(len(samples)), "first": int(samples[0]), "last": int(samples[-1]), "ppl": {},
-           "ratio_to": None}
+           "covered": {}, "ratio_to": None, "ratio": {}}
     vals = {}
     for label, (pos, nll) in per_pos.items():
-        lookup = dict(zip(pos.tolist(), nll.tolist()))
-        if all(int(t) in lookup for t in samples):
-            vals[label] = np.array([lookup[int(t)] for t in samples])
-            out["ppl"][label] = _ppl(vals[label])
+        lookup = dict(zip(np.asarray(pos).tolist(), np.asarray(nll).tolist()))
+        vals[label] = {int(t): lookup[int(t)] for t in samples if int(t) in lookup}
+        out["covered"][label] = len(vals[label])
+        if vals[label]:
+            out["ppl"][label] = _ppl(np.array(list(vals[label].values())))
     ref = next((l for l in vals if l.startswith("recompute")), None)
     if ref:
         out["ratio_to"] = ref
-        out["ratio"] = {l: {"ratio": float(np.exp(v.mean() - vals[ref].mean())),
-                            "ci95": bootstrap_ratio(v, vals[ref])} for l, v in vals.items() if l != ref}
+        for label, v in vals.items():
+            common = sorted(set(v) & set(vals[ref]))
+            if label == ref or not common:
+                continue
+            a = np.array([v[t] for t in common])
+            b = np.array([vals[ref][t] for t in common])
+            past = [i for i, t in enumerate(common) if t > 2 * _window_of(ref)]
+            out["ratio"][label] = {
+                "positions": len(common), "ppl": _ppl(a), "ppl_recompute": _ppl(b),
+                "ratio": float(np.exp(a.mean() - b.mean())), "ci95": bootstrap_ratio(a, b),
+            }
+            if past and len(past) < len(common):
+                out["ratio"][label]["past_2W"] = {"positions": len(past),
+                                                  "ratio": float(np.exp(a[past].mean() - b[past].mean())),
+                                                  "ci95": bootstrap_ratio(a[past], b[past])}
     return out
+
+
+def _window_of(label: str) -> int:
+    params = dict(kv.split("=", 1) for kv in label.partition(":")[2].split(",") if "=" in kv)
+    return int(params.get("window", 1024))
+
+
+def merge(paths: list[str], out: str, plot: str | None) -> dict:
+    """Combine result JSONs of runs over the same text and token count (e.g. policies run in parallel jobs)."""
+    import json
+
+    runs = []
+    for p in paths:
+        try:
+            runs.append(json.loads(open(p).read()))
+        except (OSError, ValueError) as e:
+            raise EvalError(f"cannot read result {p}: {e}") from None
+    base = runs[0]
+    for r in runs[1:]:
+        for key in ("text_sha256", "tokens", "sample"):
+            if r.get(key) != base.get(key):
+                raise EvalError(f"cannot merge: {key} differs ({base.get(key)!r} vs {r.get(key)!r})")
+    merged = dict(base)
+    merged["merged_from"] = [{"file": str(p), "argv": r.get("argv"), "created": r.get("created"),
+                              "machine": r.get("machine")} for p, r in zip(paths, runs)]
+    merged["policies"] = [p for r in runs for p in r["policies"]]
+    labels = [p["label"] for p in merged["policies"]]
+    if len(set(labels)) != len(labels):
+        raise EvalError(f"cannot merge: a policy appears in several results ({', '.join(labels)})")
+    merged["mode"] = sorted({r.get("mode") for r in runs})
+    if base.get("sample"):
+        per_pos = {p["label"]: (np.array(p["sampled"]["position"]), np.array(p["sampled"]["nll"]))
+                   for p in merged["policies"] if "sampled" in p}
+        merged["paired"] = paired(per_pos, sample_positions(base["targets"], base["sample"]))
+    if plot:
+        from .plots import plot_ppl
+
+        plot_ppl(merged, plot)
+        merged["plot"] = str(plot)
+    write_json(out, merged)
+    return merged

@@ -68,11 +68,11 @@ class _Plan:
     """What every layer does for the current step (computed once, on the first layer)."""
 
     capacity: int
-    rot_slots: torch.Tensor  # kept non-pinned slots whose key must be re-rotated by rot_delta (committed)
-    rot_delta: torch.Tensor
-    pin_slots: torch.Tensor  # slots of pinned tokens, rewritten from their pristine copy
-    pin_idx: torch.Tensor  # which pristine copy
-    pin_delta: torch.Tensor  # rotation from the pristine position to the wanted one
+    rot_slots: torch.Tensor  # kept non-pinned slots whose key must be re-rotated (committed) ...
+    rot_cs: tuple  # ... by this (cos, sin): computed once per step, shared by all layers
+    pin_slots: torch.Tensor  # slots of pinned tokens, rewritten from their pristine copy ...
+    pin_idx: torch.Tensor  # ... which pristine copy ...
+    pin_cs: tuple  # ... rotated from its pristine position to the wanted one
     new_pins: list = field(default_factory=list)  # (offset in the new chunk, pristine index)
     append_slot: int | None = None  # decode fast path: write the new token here ...
     n_view: int = 0  # ... and attend over buffer[:n_view]
@@ -112,11 +112,11 @@ class StreamingLayer(CacheLayerMixin):
             self.lazy_initialization(k, v, plan.capacity, sinks)
         self.grow(plan.capacity)
         if plan.rot_slots.numel():
-            self.keys[:, :, plan.rot_slots] = rope.rotate(self.keys[:, :, plan.rot_slots], plan.rot_delta)
+            self.keys[:, :, plan.rot_slots] = rope.apply(self.keys[:, :, plan.rot_slots], *plan.rot_cs)
         for offset, j in plan.new_pins:
             self.pin_keys[:, :, j] = k[:, :, offset]
         if plan.pin_slots.numel():
-            self.keys[:, :, plan.pin_slots] = rope.rotate(self.pin_keys[:, :, plan.pin_idx], plan.pin_delta)
+            self.keys[:, :, plan.pin_slots] = rope.apply(self.pin_keys[:, :, plan.pin_idx], *plan.pin_cs)
         if plan.append_slot is not None:  # decode: no copy, attend over a view
             self.keys[:, :, plan.append_slot] = k[:, :, 0]
             self.values[:, :, plan.append_slot] = v[:, :, 0]
@@ -227,6 +227,11 @@ class StreamingCache(Cache):
         return -1
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if key_states.shape[0] != 1:
+            raise ValueError(
+                f"a streamkv cache holds one stream (batch size 1), got batch size {key_states.shape[0]}; "
+                "use one cache (or StreamSession) per stream"
+            )
         if self._first_layer is None:
             self._first_layer = layer_idx
         if layer_idx == self._first_layer:
@@ -282,7 +287,8 @@ class StreamingCache(Cache):
         keep = self.keep_mask(torch.cat([kept_seq, new_seq]))
         self.seen += q
         self.next_pos = p0 + q
-        plan = _Plan(self.seq.numel(), rot_slots, rot_delta, pin_slots, pin_idx, pin_delta, new_pins)
+        cs = self.rope.cos_sin
+        plan = _Plan(self.seq.numel(), rot_slots, cs(rot_delta), pin_slots, pin_idx, cs(pin_delta), new_pins)
 
         holes = (used < 0).nonzero().squeeze(1)
         if q == 1 and holes.numel() <= 1:  # decode fast path

@@ -7,7 +7,6 @@ Without one, a request is stateless: its full message history runs in a throwawa
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 
 import psutil
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -152,6 +152,13 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, e: ServerError):
         return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _query_error(request: Request, e: RequestValidationError):  # query/path parameters
+        err = e.errors()[0]
+        param = str(err["loc"][-1]) if err.get("loc") else None
+        return JSONResponse(error_body(f"invalid value for {param}: {err['msg']}", "invalid_request_error", param,
+                                       "invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
@@ -496,7 +503,7 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
     async def list_sessions(request: Request, limit: int = 100):
         owner = owner_of(request)
         if not 1 <= limit <= 1000:
-            raise BadRequest("limit must be between 1 and 1000", param="limit")
+            raise BadRequest("limit must be between 1 and 1000", param="limit", code="invalid_value")
         rows = await manager().run_io(manager().store.list_sessions, owner, limit)
         return {"object": "list", "data": [session_object(r) for r in rows]}
 
@@ -519,9 +526,9 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
         """Debug view of the live stream state: stats, a digest of the next-token logits and their top-k
         (or the full vector with logits=full). Loads the session if it is not resident."""
         if logits not in ("none", "full"):
-            raise BadRequest("logits must be 'none' or 'full'", param="logits")
+            raise BadRequest("logits must be 'none' or 'full'", param="logits", code="invalid_value")
         if not 0 <= top <= 100:
-            raise BadRequest("top must be between 0 and 100", param="top")
+            raise BadRequest("top must be between 0 and 100", param="top", code="invalid_value")
         lease = await manager().acquire(sid, owner_of(request))
         try:
             s = lease.session

@@ -24,7 +24,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator
 
-import torch
 
 from ..policies import make_policy, parse_policy_spec
 from ..session import StreamSession
