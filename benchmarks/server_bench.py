@@ -88,6 +88,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "server_bench.json"))
+    ap.add_argument("--only-memory", action="store_true",
+                    help="skip the latency part; update sessions_open in an existing --out file")
     args = ap.parse_args()
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop the server too
@@ -118,8 +120,13 @@ def main() -> int:
                   "command": " ".join(["python", "benchmarks/server_bench.py"] + sys.argv[1:]),
                   "rss_bytes_model_loaded": rss_idle, "lengths": {}}
         sid = http.post("/v1/sessions", json={}).json()["id"]
+        if args.only_memory:  # the same 17 sessions as the full run: one long + 16 more
+            grow(client, http, sid, args.short)
         grown = 0.0
-        for target in (args.short, args.long):
+        if args.only_memory:
+            result = json.loads(Path(args.out).read_text())
+            result["rss_bytes_model_loaded"] = rss_idle
+        for target in () if args.only_memory else (args.short, args.long):
             grown += grow(client, http, sid, target)
             seen = http.get(f"/v1/sessions/{sid}/state").json()["stats"]
             runs = [measure_turn(client, sid, f"In one sentence, what was part {k} about?") for k in range(args.repeats)]
@@ -144,7 +151,7 @@ def main() -> int:
             "cache_bytes_per_session": stats[0]["cache_bytes"], "tokens_cached_per_session": stats[0]["tokens_cached"],
             "snapshot_bytes_median": sorted(snaps)[len(snaps) // 2], "snapshot_files": len(snaps)}
         print(json.dumps(result["sessions_open"]), flush=True)
-        result["loadavg_1_5_15"] = {"start": load_start, "end": os.getloadavg(),
+        result["loadavg_1_5_15" + ("_memory_rerun" if args.only_memory else "")] = {"start": load_start, "end": os.getloadavg(),
                                     "note": "the 2 cores were shared with other jobs; compare lengths within this run"}
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,13 @@ class StreamSession:
         self.model, self.tokenizer, self.chunk_size = model, tokenizer, chunk_size
         self.policy = make_policy(policy, model, **policy_params) if isinstance(policy, str) else policy
         self.logits: torch.Tensor | None = None  # next-token logits after the last fed token
-        self.messages: list[dict] = []  # chat transcript
-        self._chat_text = ""  # the chat-template text the stream holds so far
+        self.messages: list[dict] = []  # chat transcript (the template is rendered over its tail only)
+        self._n_fed = 0  # how many of `messages` are in the stream (a caller may append a system prompt)
         self.last_finish_reason: str | None = None
+        self.last_text = ""  # everything the last generation put into the stream (stop string included)
+        self.last_eos = False  # whether it ended with an end-of-sequence token (also in the stream)
+        self.last_usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        self._prompt_tokens = 0  # tokens fed since the last generation (the next one's prompt)
 
     # ---- input -----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -59,20 +63,28 @@ class StreamSession:
             raise ValueError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
         return torch.tensor(ids, dtype=torch.long)
 
-    @torch.inference_mode()
     def feed(self, data: str | Sequence[int] | torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Append text or token ids to the stream, `chunk_size` tokens per forward (the cache is trimmed
         to its budget after each chunk, so any input length runs in bounded memory). Returns the logits
         of the last token [V], or of every fed token [n, V] with all_logits."""
+        outs = list(self._chunks(self._ids(data), all_logits))
+        return torch.cat(outs) if all_logits else self.logits
+
+    def feed_iter(self, data: str | Sequence[int] | torch.Tensor) -> Iterator[int]:
+        """Like feed, but yields after every chunk (the number of tokens fed so far), so a caller (a server
+        interleaving sessions, a progress bar) gets control back between chunks."""
         ids = self._ids(data)
-        outs = []
+        for i, _logits in enumerate(self._chunks(ids, False)):
+            yield min((i + 1) * self.chunk_size, ids.numel())
+
+    @torch.inference_mode()
+    def _chunks(self, ids: torch.Tensor, all_logits: bool, prompt: bool = True) -> Iterator[torch.Tensor]:
         for start in range(0, ids.numel(), self.chunk_size):
             chunk = ids[start : start + self.chunk_size].unsqueeze(0).to(self.model.device)
             logits = self._forward(chunk, all_logits)
-            if all_logits:
-                outs.append(logits)
-        self.logits = logits[-1]
-        return torch.cat(outs) if all_logits else self.logits
+            self.logits = logits[-1]
+            self._prompt_tokens += chunk.shape[1] if prompt else 0
+            yield logits
 
     def _forward(self, chunk: torch.Tensor, all_logits: bool) -> torch.Tensor:
         if isinstance(self.policy, Recompute):
@@ -94,22 +106,20 @@ class StreamSession:
             ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         return ids
 
-    def generate(self, max_new_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop: Sequence[str] = (), stop_on_eos: bool = True,
-                 prompt: str | Sequence[int] | None = None) -> Iterator[str]:
-        """Yield text pieces as tokens are sampled (greedy unless temperature > 0). Every sampled token is
-        fed back into the stream, so generation can go on far beyond the model's trained context.
-        `session.last_finish_reason` is "stop" or "length" afterwards."""
-        for _token_id, piece in self.generate_tokens(max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                                     seed=seed, stop=stop, stop_on_eos=stop_on_eos, prompt=prompt):
+    def generate(self, max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
+        """Yield text pieces as tokens are sampled (greedy unless temperature > 0; see generate_tokens for
+        the options). Every sampled token is fed back into the stream, so generation can go on far beyond
+        the model's trained context. `last_finish_reason` is "stop" or "length" afterwards."""
+        for _token_id, piece in self.generate_tokens(max_new_tokens, **kwargs):
             if piece:
                 yield piece
 
     def generate_tokens(self, max_new_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0,
                         top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (), stop_on_eos: bool = True,
                         prompt: str | Sequence[int] | None = None) -> Iterator[tuple[int, str]]:
-        """Like generate, yielding (token_id, text_piece). A piece may be "" while a stop string could still
-        be starting; held-back text is released when it turns out not to be one."""
+        """Yield (token_id, text_piece) per sampled token. A piece may be "" while a stop string could still
+        be starting (held-back text is released when it turns out not to be one); a last (-1, text) flushes
+        what was held back. The stop string itself is never yielded, but it is in the stream (`last_text`)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         stop = [s for s in stop if s]
@@ -120,16 +130,20 @@ class StreamSession:
             raise ValueError("nothing to continue: feed a prompt first")
         eos = self._stop_ids() if stop_on_eos else set()
         ids: list[int] = []
-        prefix_off = read_off = 0  # incremental detokenisation (decode only the tail, not the whole text)
+        prefix_off = read_off = 0  # incremental detokenisation: decode only the tail, not the whole text
         text = ""  # decoded so far
         emitted = 0  # characters of `text` already yielded
         longest = max((len(s) for s in stop), default=0)
-        self.last_finish_reason = "length"
+        self.last_usage = {"prompt_tokens": self._prompt_tokens, "completion_tokens": 0}
+        self._prompt_tokens = 0
+        self.last_finish_reason, self.last_text, self.last_eos = "length", "", False
         for _ in range(max_new_tokens):
             token = sampler(self.logits)
-            self.feed([token])  # the stream always holds every generated token
+            for _logits in self._chunks(torch.tensor([token]), False, prompt=False):
+                pass  # the stream always holds every generated token
+            self.last_usage["completion_tokens"] += 1
             if token in eos:
-                self.last_finish_reason = "stop"
+                self.last_finish_reason, self.last_eos = "stop", True
                 break
             ids.append(token)
             if self.tokenizer is not None:
@@ -138,8 +152,8 @@ class StreamSession:
                 if len(after) > len(before) and not after.endswith("\ufffd"):
                     text += after[len(before):]
                     prefix_off, read_off = read_off, len(ids)
-            window_start = max(0, emitted - longest)
-            hits = [i for i in (text.find(s, window_start) for s in stop) if i >= 0]
+                    self.last_text = text
+            hits = [i for i in (text.find(s, max(0, emitted - longest)) for s in stop) if i >= 0]
             if hits:
                 yield token, text[emitted:min(hits)]
                 self.last_finish_reason = "stop"
@@ -162,41 +176,68 @@ class StreamSession:
         return GenerationResult("".join(pieces), ids, self.last_finish_reason)
 
     # ---- chat ------------------------------------------------------------------------------------
-    def _render(self, add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if not messages:
+            return ""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("chat needs a tokenizer with a chat template (use feed/generate for plain text)")
-        return self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def _feed_template(self, target: str) -> None:
-        """Feed what the chat template adds beyond what the stream already holds."""
-        if target.startswith(self._chat_text):
-            new = target[len(self._chat_text):]
-        else:  # the template re-rendered history differently (e.g. stripped whitespace): append the tail
-            common = 0
-            while common < min(len(target), len(self._chat_text)) and target[common] == self._chat_text[common]:
-                common += 1
-            new = target[common:]
-        if new:
-            self.feed(new)
-        self._chat_text = target
+    def _template_context(self) -> list[dict]:
+        """The already-fed messages the template is rendered over: the system prompt (if any) and the last
+        one. Diffing two renders of this short tail gives exactly what new messages add, at a cost that
+        does not grow with the conversation."""
+        fed = self.messages[: self._n_fed]
+        head = fed[:1] if fed and fed[0]["role"] == "system" else []
+        return head + (fed[-1:] if len(fed) > len(head) else [])
+
+    @staticmethod
+    def _added(before: str, after: str) -> str:
+        """What `after` adds to `before` (their common prefix removed)."""
+        if after.startswith(before):
+            return after[len(before):]
+        common = 0  # the template rewrote earlier text (e.g. stripped whitespace): append from where it differs
+        while common < min(len(before), len(after)) and before[common] == after[common]:
+            common += 1
+        return after[common:]
+
+    def _open(self, new: list[dict], add_generation_prompt: bool) -> tuple[list[dict], str, str]:
+        """Template text for `new` plus any messages appended to `self.messages` but not fed yet (e.g. a
+        system prompt). Returns (messages it covers, rendered text ending with them, text to feed)."""
+        covered = self._template_context() + self.messages[self._n_fed :] + new
+        rendered = self._render(covered, add_generation_prompt)
+        return covered, rendered, self._added(self._render(self._template_context(), False), rendered)
+
+    def add_messages(self, messages: list[dict]) -> None:
+        """Append whole messages (e.g. an earlier conversation a client resends) to the stream with the
+        chat template, without generating."""
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        _, _, text = self._open(messages, add_generation_prompt=False)
+        if text:
+            self.feed(text)
+        self.messages.extend(messages)
+        self._n_fed = len(self.messages)
 
     def chat(self, message: str, **generate_kwargs) -> Iterator[str]:
         """One chat turn: the user message is appended to the stream with the chat template, the reply is
-        streamed back, and the closing of the assistant turn is fed so the next turn continues cleanly."""
+        streamed back, and the closing of the assistant turn is fed so the next turn continues cleanly.
+        Yields "" between prefill chunks of a long message, so a caller can interleave other work."""
         if not isinstance(message, str) or not message.strip():
             raise ValueError("empty chat message")
-        self.messages.append({"role": "user", "content": message})
-        self._feed_template(self._render(add_generation_prompt=True))
-        pieces = []
-        for piece in self.generate(**generate_kwargs):
-            pieces.append(piece)
-            yield piece
-        reply = "".join(pieces)
-        self.messages.append({"role": "assistant", "content": reply})
-        self._chat_text += reply
-        if self.last_finish_reason == "stop" and self.tokenizer.eos_token:
-            self._chat_text += self.tokenizer.eos_token  # already in the stream (fed as a token)
-        self._feed_template(self._render(add_generation_prompt=False))
+        turn = {"role": "user", "content": message}
+        covered, opened, text = self._open([turn], add_generation_prompt=True)
+        for _ in self.feed_iter(text):
+            yield ""
+        self.messages.append(turn)
+        self._n_fed = len(self.messages)
+        yield from self.generate(**generate_kwargs)
+        reply = {"role": "assistant", "content": self.last_text}  # what the stream holds, stop string included
+        held = opened + self.last_text + (self.tokenizer.eos_token if self.last_eos else "")
+        closing = self._added(held, self._render(covered + [reply], add_generation_prompt=False))
+        if closing:
+            self.feed(closing)
+        self.messages.append(reply)
+        self._n_fed = len(self.messages)
 
     # ---- introspection / persistence ---------------------------------------------------------------
     def stats(self) -> dict:
@@ -209,12 +250,15 @@ class StreamSession:
             "next_position": getattr(p, "next_pos", None),
         }
 
-    def state_dict(self) -> dict:
-        return {"policy": self.policy.state_dict(), "logits": self.logits, "messages": list(self.messages),
-                "chat_text": self._chat_text}
+    def state_dict(self, copy: bool = True) -> dict:
+        """Everything needed to continue exactly. copy=False returns views of the live buffers (cheaper to
+        save; only safe while nothing else feeds the session)."""
+        return {"policy": self.policy.state_dict(copy=copy), "logits": self.logits, "messages": list(self.messages),
+                "messages_fed": self._n_fed, "prompt_tokens": self._prompt_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
         self.logits = state["logits"]
         self.messages = list(state["messages"])
-        self._chat_text = state["chat_text"]
+        self._n_fed = state.get("messages_fed", len(self.messages))
+        self._prompt_tokens = state.get("prompt_tokens", 0)

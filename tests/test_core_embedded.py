@@ -51,7 +51,38 @@ def test_multi_turn_chat_in_one_bounded_session(smol):
     assert stats["tokens_seen"] > 64 and stats["tokens_cached"] == 64  # longer than the cache, still bounded
     assert seen[0] < seen[1] < stats["tokens_seen"]
     assert [m["role"] for m in s.messages] == ["user", "assistant"] * 3
-    assert s._chat_text.count("<|im_start|>assistant") == 3
+    assert s.last_usage["completion_tokens"] > 0 and s.last_usage["prompt_tokens"] > 5
+
+
+def test_chat_stream_holds_exactly_the_rendered_conversation(smol):
+    """Turn by turn (stop strings included), the stream holds the same tokens as rendering the whole
+    conversation with the chat template at once."""
+    model, tok = smol
+    fed = []
+
+    def recording(session):  # wrap the real feeding path, noting every token that enters the stream
+        original = session._chunks
+        def chunks(ids, all_logits, prompt=True):
+            fed.extend(ids.tolist())
+            return original(ids, all_logits, prompt)
+        session._chunks = chunks
+        return session
+
+    s = recording(StreamSession(model, tok, "dense"))
+    "".join(s.chat("Count from 1 to 10.", max_new_tokens=30, stop=["5"]))
+    "".join(s.chat("Say hi.", max_new_tokens=8))
+    rendered = tok.apply_chat_template(s.messages, tokenize=False)
+    assert tok.decode(fed) == rendered
+    # a resent earlier conversation is fed too (as the server does for stateless requests)
+    fed.clear()
+    s2 = recording(StreamSession(model, tok, "dense"))
+    s2.messages.append({"role": "system", "content": "You are terse."})  # appended, fed with the first turn
+    history = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada!"}]
+    s2.add_messages(history)
+    "".join(s2.chat("What is my name?", max_new_tokens=6))
+    "".join(s2.chat("Thanks.", max_new_tokens=4))
+    assert tok.decode(fed) == tok.apply_chat_template(s2.messages, tokenize=False)
+    assert s2.messages[1:3] == history and s2.messages[0]["role"] == "system"
 
 
 def test_stop_string_cuts_output(smol):

@@ -177,14 +177,66 @@ def summarise(result: dict) -> dict:
     return s
 
 
+@torch.inference_mode()
+def interleaved(model, ids: list[int], specs: list[PolicySpec], points: list[int], *, rounds: int, chunk_size: int,
+                progress: bool = True, recompute_max_tokens: int | None = None) -> dict:
+    """Load-robust comparison: one session per (policy, position) in this process, each advanced to its
+    position, then `rounds` rounds of one single-token step on every session in turn. Background load
+    hits all sessions alike, so the latency *ratios* are meaningful even on a busy machine."""
+    from ..session import StreamSession
+
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    cells = []
+    for spec in specs:
+        for point in points:
+            if spec.name == "recompute" and recompute_max_tokens and point > recompute_max_tokens:
+                continue  # advancing recompute costs one full-window forward per chunk
+            session = StreamSession(model, None, spec.build(model), chunk_size=chunk_size)
+            t0 = time.perf_counter()
+            session.feed(ids_t[: point - 1])
+            cells.append({"spec": spec, "position": point, "session": session, "fed": point - 1, "times": [],
+                          "prefill_seconds": time.perf_counter() - t0})
+    for _ in tqdm(range(rounds), desc="interleaved rounds", file=sys.stderr, disable=not progress):
+        for c in cells:
+            t0 = time.perf_counter()
+            c["session"].feed(ids_t[c["fed"] : c["fed"] + 1])
+            c["times"].append(time.perf_counter() - t0)
+            c["fed"] += 1
+    rows = [{"label": c["spec"].label, "position": c["position"], "steps": len(c["times"]),
+             "ms_per_token": 1000 * statistics.fmean(c["times"]), "ms_per_token_median": 1000 * statistics.median(c["times"]),
+             "ms_per_token_min": 1000 * min(c["times"]), "tokens_cached": c["session"].stats()["tokens_cached"],
+             "prefill_tokens_per_second": (c["position"] - 1) / c["prefill_seconds"]} for c in cells]
+    ref = rows[0]
+    for r in rows:
+        r["ratio_to_first"] = r["ms_per_token"] / ref["ms_per_token"]
+        r["ratio_to_first_median"] = r["ms_per_token_median"] / ref["ms_per_token_median"]
+    return {"reference": f"{ref['label']}@{ref['position']}", "rounds": rounds, "cells": rows}
+
+
 def run(args) -> int:
     specs = parse_policies(args.policy, default="sink,dense,recompute:window=1024")
+    if args.interleaved:
+        if not args.points:
+            raise EvalError("--interleaved needs --points (e.g. 2000,100000)")
+        model, tok = load_model(args)
+        points = sorted(set(args.points))
+        ids = stream_ids(tok, args.text, points[-1] + args.decode_steps + 8)
+        res = {**header("bench --interleaved", args, model), "points": points,
+               **interleaved(model, ids, specs, points, rounds=args.decode_steps, chunk_size=args.chunk_size,
+                             progress=not args.quiet, recompute_max_tokens=args.recompute_max_tokens or None)}
+        res["machine_after"] = {"loadavg": list(os.getloadavg())}
+        write_json(args.out, res)
+        for r in res["cells"]:
+            print(f"{r['label']}@{r['position']}: {r['ms_per_token']:.1f} ms/token (x{r['ratio_to_first']:.2f})", file=sys.stderr)
+        return 0
     points = sorted(set(args.points)) if args.points else [p for p in DEFAULT_POINTS if p <= args.max_tokens]
     points = [p for p in points if p <= args.max_tokens]
     if not points:
         raise EvalError(f"no measurement point at or below --max-tokens {args.max_tokens}")
     if points[0] < 2:
         raise EvalError("measurement positions must be at least 2")
+    if args.text:
+        read_text_file(args.text)
     model, tok = load_model(args)
     n = points[-1] + args.decode_steps * len(points) + 8
     ids = stream_ids(tok, args.text, n)

@@ -81,8 +81,17 @@ def _runner(module: str):
     return func
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' except when there is no meaningful default (None/False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def register(subparsers) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Formatter
     ev = subparsers.add_parser("eval", help="evaluate cache policies: streaming perplexity, passkey retrieval, streaming chat",
                                description="Evaluate how cache policies trade quality over long streams.")
     evsub = ev.add_subparsers(dest="eval_command", metavar="{ppl,passkey,chat}")
@@ -97,7 +106,7 @@ def register(subparsers) -> None:
     p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                    help="instead of running: merge result JSONs of runs over the same text/--tokens/--sample "
                         "(e.g. policies run as parallel jobs) into --out and --plot")
-    p.add_argument("--tokens", type=_nonneg, default=0, help="use the first N tokens of the file (0 = all)")
+    p.add_argument("--tokens", type=_positive, default=None, help="use only the first N tokens of the file (default: all)")
     p.add_argument("--policy", action="append", help=POLICY_HELP + " (default: sink,window,dense,recompute)")
     p.add_argument("--mode", choices=["chunked", "token"], default="chunked",
                    help="chunked: feed --chunk-size tokens per forward (fast; exact for dense and while the stream "
@@ -177,6 +186,9 @@ def register(subparsers) -> None:
                    help="measure recompute only up to this position (each step re-encodes the whole window)")
     p.add_argument("--recompute-steps", type=_positive, default=3, help="decode steps averaged per point for recompute")
     p.add_argument("--text", default=None, help="text to stream, repeated as needed (default: generated filler text)")
+    p.add_argument("--interleaved", action="store_true",
+                   help="load-robust mode: hold one session per (policy, --points position) in one process and "
+                        "alternate single-token steps between them (--decode-steps rounds); JSON only")
     p.add_argument("--in-process", action="store_true",
                    help="measure every policy in this process (default: a fresh process per policy, so RSS is its own)")
     p.add_argument("--out", default="bench.json", help="result JSON")

@@ -29,7 +29,8 @@ def plot_ppl(result: dict, path) -> Path:
     for p in result["policies"]:
         c = p["curve"]
         style = dict(marker="o", linestyle="--", markersize=4) if p["mode"] == "sampled" else dict(linewidth=1.6)
-        label = f"{p['label']} ({p['mode']}" + (f", {p['positions_evaluated']} pos" if p["mode"] == "sampled" else "") + ")"
+        label = (f"{p['label']} ({p['mode']}" + (f", {p['positions_evaluated']} pos" if p["mode"] == "sampled" else "")
+                 + f"): ppl {p['ppl']:.1f} over {p['positions_evaluated']:,} positions")
         ax.plot(c["position"], c["ppl"], label=label, **style)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -46,7 +47,7 @@ def plot_passkey(result: dict, path) -> Path:
     """Accuracy heatmap (depth x context length), one panel per policy."""
     plt = _plt()
     pols = result["policies"]
-    fig, axes = plt.subplots(1, len(pols), figsize=(3.6 * len(pols) + 0.8, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(pols), figsize=(3.9 * len(pols) + 1.2, 3.8), squeeze=False)
     im = None
     for ax, p in zip(axes[0], pols):
         lengths, depths = result["lengths"], result["depths"]
@@ -58,7 +59,8 @@ def plot_passkey(result: dict, path) -> Path:
             for j in range(len(lengths)):
                 ax.text(j, i, f"{grid[i][j]:.0%}", ha="center", va="center", fontsize=8)
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("key depth (0 = start)")
+        if ax is axes[0][0]:
+            ax.set_ylabel("key depth (0 = start)")
         ax.set_title(f"{p['label']}\nmean {p['mean_accuracy']:.0%}", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
     path = Path(path)

@@ -114,18 +114,23 @@ def segments(positions: np.ndarray, nll: np.ndarray, n_targets: int) -> list[dic
     return rows
 
 
-def curve(positions: np.ndarray, nll: np.ndarray, n_bins: int = 60, min_count: int = 1) -> dict:
-    """Perplexity in log-spaced position bins (what the plot draws; small enough to commit)."""
+def curve(positions: np.ndarray, nll: np.ndarray, n_bins: int = 60, min_count: int = 64) -> dict:
+    """Perplexity in log-spaced position bins (what the plot draws; small enough to commit). Neighbouring
+    bins are merged until each holds at least `min_count` positions (single-token bins are pure noise)."""
+    positions = np.asarray(positions)
     lo, hi = max(1, int(positions.min())), int(positions.max()) + 1
     edges = np.unique(np.geomspace(lo, hi, n_bins + 1).round().astype(np.int64))
-    x, y, c = [], [], []
     idx = np.searchsorted(edges, positions, side="right") - 1
+    x, y, c = [], [], []
+    acc = np.zeros(len(positions), dtype=bool)
     for b in range(len(edges) - 1):
-        sel = idx == b
-        if sel.sum() >= min_count:
-            x.append(float(np.exp(np.mean(np.log(positions[sel])))))
-            y.append(_ppl(nll[sel]))
-            c.append(int(sel.sum()))
+        acc |= idx == b
+        if acc.sum() >= min_count or b == len(edges) - 2:
+            if acc.any():
+                x.append(float(np.exp(np.mean(np.log(positions[acc])))))
+                y.append(_ppl(nll[acc]))
+                c.append(int(acc.sum()))
+            acc = np.zeros(len(positions), dtype=bool)
     return {"position": x, "ppl": y, "count": c}
 
 
@@ -149,11 +154,12 @@ def run(args) -> int:
     specs = parse_policies(args.policy, default="sink,window,dense,recompute")
     if args.chunk_size < 1:
         raise EvalError("--chunk-size must be at least 1")
-    if args.tokens < 0 or args.sample < 0 or args.dense_max_tokens < 0:
+    if args.sample < 0 or args.dense_max_tokens < 0:
         raise EvalError("--tokens, --sample and --dense-max-tokens must be non-negative")
     caps = parse_caps(args.cap or [])
+    read_text_file(args.text)  # fail on a bad path before spending seconds on the model
     model, tok = load_model(args)
-    ids = tokenize_file(tok, args.text, args.tokens)
+    ids = tokenize_file(tok, args.text, args.tokens or 0)
     n_targets = len(ids) - 1
     chunk = 1 if args.mode == "token" else args.chunk_size
     samples = sample_positions(n_targets, args.sample) if args.sample else None
@@ -198,7 +204,7 @@ def run(args) -> int:
         entry["mean_nll"] = float(nll.mean())
         entry["ppl"] = _ppl(nll)
         entry["segments"] = segments(pos, nll, n_targets)
-        entry["curve"] = curve(pos, nll, n_bins=60 if len(pos) > 2000 else 12)
+        entry["curve"] = curve(pos, nll, n_bins=60, min_count=64 if len(pos) > 2000 else max(1, len(pos) // 6))
         if samples is not None:  # NLL at the sampled positions this policy covers (for paired comparisons/merging)
             keep = np.isin(pos, samples)
             entry["sampled"] = {"position": pos[keep].tolist(), "nll": [round(float(v), 5) for v in nll[keep]]}

@@ -324,15 +324,17 @@ class StreamingCache(Cache):
     def describe(self) -> dict:
         return {"policy": self.name, "budget": self.budget, "sinks": self.sinks}
 
-    def state_dict(self) -> dict:
-        """Everything needed to continue the stream exactly (for snapshots to disk)."""
+    def state_dict(self, copy: bool = True) -> dict:
+        """Everything needed to continue the stream exactly (for snapshots to disk). copy=False gives views
+        of the live buffers: no copy, but only valid until the cache is fed again."""
+        grab = (lambda t: t.clone()) if copy else (lambda t: t)
         return {
             "describe": self.describe(),
             "seq": self.seq.clone(), "pos": self.pos.clone(), "pin_pos": self.pin_pos.clone(),
             "n_used": self.n_used, "seen": self.seen, "next_pos": self.next_pos, "first_layer": self._first_layer,
             "layers": [
-                {"keys": l.keys[:, :, : self.n_used].clone(), "values": l.values[:, :, : self.n_used].clone(),
-                 "pin_keys": l.pin_keys.clone()} if l.is_initialized else None
+                {"keys": grab(l.keys[:, :, : self.n_used]), "values": grab(l.values[:, :, : self.n_used]),
+                 "pin_keys": grab(l.pin_keys)} if l.is_initialized else None
                 for l in self.layers
             ],
         }

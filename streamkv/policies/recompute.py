@@ -49,7 +49,7 @@ class Recompute:
         self.seen += ids.numel()
         return torch.cat(outs, dim=0)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, copy: bool = True) -> dict:
         return {"describe": self.describe(), "ids": self.ids.clone(), "seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:

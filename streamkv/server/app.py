@@ -361,7 +361,7 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
             # session already holds only adds what is new
             known = [{"role": m["role"], "content": m["content"]} for m in s.messages]
             new = history[len(known):] if history[:len(known)] == known else history
-            s.messages.extend(new)
+            s.add_messages(new)  # fed into the stream, so the reply sees the whole conversation
             yield from s.chat(last["content"], **gen)
 
         def usage():
