@@ -88,14 +88,16 @@ def load(name: str | None = None, dtype: str = "float32", threads: int | None = 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     path = resolve(name)
+    # offline first: a hub id must already be in the local Hugging Face cache (no retries against a hub)
+    local_only = not Path(path).exists() and os.environ.get("STREAMKV_ALLOW_DOWNLOAD") != "1"
     t0 = time.perf_counter()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     except OSError as e:
         raise FileNotFoundError(
-            f"could not load model {name!r}: {e}. Pass a local folder, or a Hugging Face id that is already in the "
-            "local cache (there is no network access here)."
+            f"could not load model {name!r}: {str(e).splitlines()[0]} Pass a local folder, or a Hugging Face id "
+            "that is already in the local cache (set STREAMKV_ALLOW_DOWNLOAD=1 to let transformers download it)."
         ) from None
     model.eval()
     rope_for(model)  # refuse unsupported architectures now, not mid-stream
