@@ -209,17 +209,17 @@ def cmd_demo(args) -> int:
             dense_mib = per_token * s["tokens_seen"] / 2**20  # what a dense cache would hold by now
             tqdm.write(f"{s['tokens_seen']:>12,} {s['tokens_cached']:>8,} {s['cache_bytes'] / 2**20:>8.1f} {dense_mib:>13.1f} "
                        f"{_rss_mb():>8.0f} {min(step, len(ids) - start) / dt:>8.0f} {str(s['next_position']):>9}")
-    print(f"\nFed {len(ids):,} tokens in {time.perf_counter() - t_start:.0f}s. Now the model continues the stream "
-          f"at token {len(ids):,} ({args.max_new_tokens} tokens, greedy):\n", flush=True)
-    session.feed("\nEntry")
+    print(f"\nFed {len(ids):,} tokens in {time.perf_counter() - t_start:.0f}s. The same stream continues as a chat "
+          f"turn at token {len(ids):,} (greedy, {args.max_new_tokens} tokens at most):\n", flush=True)
+    print(f"you> {args.question}\nbot> ", end="", flush=True)
     t0 = time.perf_counter()
-    n = 0
-    print("Entry", end="")
-    for piece in session.generate(max_new_tokens=args.max_new_tokens):
+    seen = session.stats()["tokens_seen"]
+    for piece in session.chat(args.question, max_new_tokens=args.max_new_tokens):
         print(piece, end="", flush=True)
-        n += 1
+    n = max(1, session.last_usage["completion_tokens"])
     dt = time.perf_counter() - t0
-    print(f"\n\n{status_line(session)}  decode {1000 * dt / max(1, args.max_new_tokens):.0f} ms/token")
+    print(f"\n\n{status_line(session)}  turn {dt:.1f}s for {session.stats()['tokens_seen'] - seen} tokens "
+          f"({n} generated)")
     return 0
 
 
@@ -254,12 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="stream far past the model's context and watch memory stay flat",
                        description="Feed a long generated text (default 20,000 tokens, well past SmolLM2's 8,192) through the cache "
-                                   "policy, printing tokens seen, tokens cached, KV bytes and process RSS as it goes, then let "
-                                   "the model continue the stream.")
+                                   "policy, printing tokens seen, tokens cached, KV bytes and process RSS as it goes, then "
+                                   "ask the model a question in the same stream.")
     add_model_args(p); add_policy_args(p)
     p.add_argument("--tokens", type=int, default=20000, help="tokens to stream (default 20000)")
     p.add_argument("--report-every", type=int, default=2048, help="print a line every N tokens (default 2048)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated at the end (default 48)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="reply length at the end (default 48)")
+    p.add_argument("--question", default="In one sentence, what is this log about?",
+                   help="chat turn asked at the end of the stream")
     p.set_defaults(func=cmd_demo)
 
     for module in ("streamkv.evaluation.commands", "streamkv.server.commands"):
