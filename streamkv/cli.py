@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -99,9 +98,7 @@ def cmd_chat(args) -> int:
             continue
         print("bot> ", end="", flush=True)
         t0 = time.perf_counter()
-        n = 0
         for piece in session.chat(line, **sampling_kwargs(args)):
-            n += 1
             print(piece, end="", flush=True)
         dt = time.perf_counter() - t0
         print()

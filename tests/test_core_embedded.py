@@ -6,7 +6,6 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # must work with no hub at all
 
 import pytest
-import torch
 
 from streamkv.models import load
 from streamkv.session import StreamSession
