@@ -5,7 +5,9 @@ import argparse
 import sys
 import time
 
-POLICY_HELP = "cache policy: sink (StreamingLLM, default), window, dense (keep all), recompute (slow reference)"
+POLICY_HELP = ("cache policy, optionally with parameters (e.g. 'memory:topk=8,block=64'): sink (StreamingLLM, default), "
+               "memory (sink + window + evicted blocks retrieved from a RAM/disk store: remembers far back), window, "
+               "dense (keep all), recompute (slow reference)")
 
 
 def _rss_mb() -> float:
@@ -23,7 +25,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="sink", help=POLICY_HELP)
     p.add_argument("--sinks", type=int, default=None, help="attention sinks kept by `sink` (default 4)")
-    p.add_argument("--window", type=int, default=None, help="recent tokens kept (default 1020 for sink, 1024 for window/recompute)")
+    p.add_argument("--window", type=int, default=None, help="recent tokens kept (default 1020 for sink, 768 for memory, 1024 for window/recompute)")
+    p.add_argument("--store-dir", default=None, help="memory: directory for evicted blocks on disk (default: a temporary one, deleted at exit)")
     p.add_argument("--chunk-size", type=int, default=512, help="tokens per forward when feeding long input (default 512)")
 
 
@@ -37,20 +40,20 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 
 
 def policy_from_args(args, model):
-    from .policies import POLICIES, make_policy, policy_params
+    from .policies import POLICIES, make_policy, parse_policy_spec, policy_params
 
-    if args.policy not in POLICIES:
-        raise ValueError(f"unknown --policy {args.policy!r}; choose one of: {', '.join(POLICIES)}")
-    accepted = policy_params(args.policy)
-    params = {}
-    for flag in ("sinks", "window"):
-        value = getattr(args, flag)
+    name, params = parse_policy_spec(args.policy)
+    if name not in POLICIES:
+        raise ValueError(f"unknown --policy {name!r}; choose one of: {', '.join(POLICIES)}")
+    accepted = policy_params(name)
+    for flag in ("sinks", "window", "store_dir"):
+        value = getattr(args, flag, None)
         if value is None:
             continue
         if flag not in accepted:
-            raise ValueError(f"--{flag} does not apply to policy {args.policy!r} (it takes: {', '.join(accepted) or 'nothing'})")
+            raise ValueError(f"--{flag.replace('_', '-')} does not apply to policy {name!r} (it takes: {', '.join(accepted) or 'nothing'})")
         params[flag] = value
-    return make_policy(args.policy, model, **params)
+    return make_policy(name, model, **params)
 
 
 def load_session(args):
@@ -71,8 +74,10 @@ def sampling_kwargs(args) -> dict:
 
 def status_line(session) -> str:
     s = session.stats()
+    memory = (f" | store {s['blocks']:,} blocks: {s['ram_bytes'] / 2**20:.0f} MiB RAM, {s['disk_bytes'] / 2**20:.0f} MiB disk"
+              if "blocks" in s else "")
     return (f"[{s['policy']} | seen {s['tokens_seen']:,} tok | cached {s['tokens_cached']:,} tok | "
-            f"KV {s['cache_bytes'] / 2**20:.1f} MiB | RSS {_rss_mb():.0f} MiB]")
+            f"KV {s['cache_bytes'] / 2**20:.1f} MiB{memory} | RSS {_rss_mb():.0f} MiB]")
 
 
 # ---- commands ----------------------------------------------------------------------------------------

@@ -248,6 +248,7 @@ class StreamSession:
             "tokens_cached": p.n_kept,
             "cache_bytes": p.nbytes(),
             "next_position": getattr(p, "next_pos", None),
+            **(p.memory_stats() if hasattr(p, "memory_stats") else {}),  # memory: resident tokens, store tiers, hits
         }
 
     def state_dict(self, copy: bool = True) -> dict:

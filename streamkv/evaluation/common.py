@@ -80,7 +80,7 @@ def parse_policies(values: list[str] | str | None, default: str = "sink") -> lis
             if unknown:
                 raise EvalError(f"policy {name!r} takes {', '.join(allowed) or 'no parameters'}; "
                                 f"got unknown {', '.join(sorted(unknown))}")
-            bad = {k: v for k, v in params.items() if v < 0}
+            bad = {k: v for k, v in params.items() if isinstance(v, int) and v < 0}
             if bad:
                 raise EvalError(f"policy parameters must be non-negative: {bad}")
             p = PolicySpec(name, params)

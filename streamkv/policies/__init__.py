@@ -12,11 +12,12 @@ import inspect
 
 from .base import StreamingCache
 from .dense import DenseCache
+from .memory import MemoryCache
 from .recompute import Recompute
 from .sink import SinkCache
 from .window import WindowCache
 
-POLICIES = {"dense": DenseCache, "window": WindowCache, "sink": SinkCache, "recompute": Recompute}
+POLICIES = {"dense": DenseCache, "window": WindowCache, "sink": SinkCache, "memory": MemoryCache, "recompute": Recompute}
 
 
 def policy_params(name: str) -> dict:
@@ -39,20 +40,28 @@ def make_policy(name: str, model, **params):
     return POLICIES[name](model, **params)
 
 
+_STRING_PARAMS = {"placement", "store_dir"}
+
+
 def parse_policy_spec(spec: str) -> tuple[str, dict]:
-    """'sink:sinks=4,window=1020' -> ('sink', {'sinks': 4, 'window': 1020})."""
+    """'sink:sinks=4,window=1020' -> ('sink', {'sinks': 4, 'window': 1020}). Values are integers, except for
+    the parameters a policy declares as strings (`memory`: placement, store_dir)."""
     name, _, rest = spec.partition(":")
     params = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"bad policy parameter {item!r} in {spec!r}; expected key=value")
+        key = key.strip()
+        if key in _STRING_PARAMS:
+            params[key] = value.strip()
+            continue
         try:
-            params[key.strip()] = int(value)
+            params[key] = int(value)
         except ValueError:
             raise ValueError(f"policy parameter {key}={value!r} must be an integer") from None
     return name.strip(), params
 
 
-__all__ = ["POLICIES", "StreamingCache", "DenseCache", "WindowCache", "SinkCache", "Recompute", "make_policy",
+__all__ = ["POLICIES", "StreamingCache", "DenseCache", "MemoryCache", "WindowCache", "SinkCache", "Recompute", "make_policy",
            "parse_policy_spec", "policy_params"]

@@ -35,23 +35,27 @@ Writing a policy
 ----------------
 A policy is a subclass that sets `budget`/`sinks` and may override `keep_mask(candidate_seq)`: given the
 stream indices of kept tokens plus the new ones (ascending), return which to keep. That is all `window`
-and `sink` do. The extension points for what comes next:
-* Score-based retention (H2O heavy hitters, SirLLM token entropy with decay): keep a per-slot score tensor
-  next to `seq`; SirLLM's entropy comes from the logits the session already has (`observe_logits`, see
-  `session.py`), H2O's attention mass from an attention function registered with transformers'
-  `AttentionInterface` that adds the softmax column sums of each layer into `cache.scores`. `keep_mask`
-  then keeps the sinks, the recent window and the top-k scored tokens; positions stay correct because the
-  plan re-rotates every kept key whose distance changed (long-lived scored tokens should be pinned, so
-  that they too are re-rotated from a pristine copy).
-* Per-head budgets (DuoAttention): a layer class holding two slot tables: retrieval heads use a dense
-  table, streaming heads a sink table. The registered attention function attends each head group over its
-  own keys and concatenates the outputs along heads; the head split comes from the DuoAttention
-  optimisation and is stored per layer.
-* Retrieval memory (InfLLM): evicted tokens are not dropped but appended, in blocks of b tokens, to a
-  per-layer memory with one representative key per block (RAM, or numpy memmap on disk). The attention
-  function scores the current queries against the representative keys, gathers the top-k blocks and
-  attends over sinks + fetched blocks + window; fetched blocks are rotated to positions between the sinks
-  and the window, exactly like sinks are here.
+and `sink` do, and they stay on the fast path above (one plan for every layer, the model's own SDPA).
+
+Policies that remember or score need three more things; the base gives them, off unless asked for:
+* **An eviction hand-off.** The plan lists the tokens this step evicts (`evict_seq`, `evict_pos`); each
+  layer copies their keys/values (`layer.evicted`) before its buffers are compacted, so a policy can
+  store them instead of dropping them (`memory.py`: a block store in RAM, then on disk).
+* **The queries.** A policy that defines `attend(layer_idx, module, query, key, value, scaling)` gets every
+  layer's attention step through the function registered with transformers' attention interface
+  (`attention.py`; no model patching). It computes attention itself, e.g. over the kept tokens plus
+  blocks it fetched, with `attention.attend_parts`.
+* **Observed attention and places other than "sinks + window".** With `observe = True` every layer keeps
+  `received` [kv_heads, slot]: the attention each kept token received (summed over queries and the query
+  heads of its KV head), moved with the slots; `attend` adds to it. `gap()` reserves that many positions
+  between the pinned tokens and the window: the pinned tokens are re-rotated (from pristine copies) to sit
+  before the gap, and the policy places what it fetched inside it, by rotating the queries (exact: RoPE
+  is relative), so nothing is rotated from a previous rotation and every distance stays what it would be
+  if those tokens were laid out contiguously in the cache.
+
+What is not here yet: per-KV-head layouts (DuoAttention: different heads keep different tokens) and
+scored retention (H2O, SirLLM: per-head top-k). Both build on `observe`/`attend`; the shared slot table
+stays the fast path for the policies whose heads all keep the same tokens.
 """
 from __future__ import annotations
 
@@ -78,6 +82,12 @@ class _Plan:
     n_view: int = 0  # ... and attend over buffer[:n_view]
     gather_slots: torch.Tensor | None = None  # chunk path: kept slots in stream order
     keep_idx: torch.Tensor | None = None  # chunk path: survivors among cat(gathered, new)
+    evict_src: torch.Tensor | None = None  # tokens evicted after this step: slots (decode) or cat indices (chunk)
+    evict_seq: torch.Tensor | None = None  # ... their stream indices (ascending) ...
+    evict_pos: torch.Tensor | None = None  # ... and the positions their keys are rotated at
+    p0: int = 0  # position of the first new token
+    window_start: int = 0  # position of the oldest kept unpinned token (the gap ends right before it)
+    gap: int = 0  # positions reserved between the pinned tokens and the window
 
 
 class StreamingLayer(CacheLayerMixin):
@@ -86,9 +96,13 @@ class StreamingLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self):
+    def __init__(self, observe: bool = False):
         super().__init__()
         self.pin_keys: torch.Tensor | None = None  # pristine keys of pinned tokens [B, H, sinks, D]
+        self.observe = observe
+        self.received: torch.Tensor | None = None  # observe: attention received per slot [H, capacity]
+        self.received_view: torch.Tensor | None = None  # ... in the order of the keys returned this step
+        self.evicted: tuple | None = None  # copies of this step's evicted keys/values [B, H, e, D]
 
     def lazy_initialization(self, key_states, value_states, capacity: int = 0, sinks: int = 0) -> None:
         b, h, _, d = key_states.shape
@@ -96,6 +110,8 @@ class StreamingLayer(CacheLayerMixin):
         self.keys = key_states.new_zeros((b, h, capacity, d))
         self.values = value_states.new_zeros((b, h, capacity, value_states.shape[-1]))
         self.pin_keys = key_states.new_zeros((b, h, sinks, d))
+        if self.observe:
+            self.received = torch.zeros((h, capacity), dtype=torch.float32, device=key_states.device)
         self.is_initialized = True
 
     def grow(self, capacity: int) -> None:
@@ -106,11 +122,16 @@ class StreamingLayer(CacheLayerMixin):
             new = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
             new[:, :, : old.shape[2]] = old
             setattr(self, name, new)
+        if self.received is not None:
+            old = self.received
+            self.received = old.new_zeros((old.shape[0], capacity))
+            self.received[:, : old.shape[1]] = old
 
     def apply(self, k: torch.Tensor, v: torch.Tensor, plan: _Plan, rope: RopeSpec, sinks: int):
         if not self.is_initialized:
             self.lazy_initialization(k, v, plan.capacity, sinks)
         self.grow(plan.capacity)
+        self.evicted = None
         if plan.rot_slots.numel():
             self.keys[:, :, plan.rot_slots] = rope.apply(self.keys[:, :, plan.rot_slots], *plan.rot_cs)
         for offset, j in plan.new_pins:
@@ -120,13 +141,35 @@ class StreamingLayer(CacheLayerMixin):
         if plan.append_slot is not None:  # decode: no copy, attend over a view
             self.keys[:, :, plan.append_slot] = k[:, :, 0]
             self.values[:, :, plan.append_slot] = v[:, :, 0]
+            if plan.evict_src is not None:
+                self.evicted = (self.keys[:, :, plan.evict_src], self.values[:, :, plan.evict_src])
+            if self.received is not None:
+                self.received[:, plan.append_slot] = 0
+                self.received_view = self.received[:, : plan.n_view]
             return self.keys[:, :, : plan.n_view], self.values[:, :, : plan.n_view]
         keys = torch.cat([self.keys[:, :, plan.gather_slots], k], dim=2)
         values = torch.cat([self.values[:, :, plan.gather_slots], v], dim=2)
+        if plan.evict_src is not None:
+            self.evicted = (keys[:, :, plan.evict_src], values[:, :, plan.evict_src])
+        if self.received is not None:  # compacted after attention has added to it (finish_step)
+            self.received_view = torch.cat([self.received[:, plan.gather_slots], self.received.new_zeros((self.received.shape[0], k.shape[2]))], dim=1)
         n = plan.keep_idx.numel()
         self.keys[:, :, :n] = keys[:, :, plan.keep_idx]
         self.values[:, :, :n] = values[:, :, plan.keep_idx]
         return keys, values
+
+    def finish_step(self, plan: _Plan) -> torch.Tensor | None:
+        """After attention: move the received-attention scores along with the compacted slots. Returns the
+        scores of this step's evicted tokens [H, e] (observe only)."""
+        if self.received is None:
+            return None
+        evicted = self.received_view[:, plan.evict_src] if plan.evict_src is not None else None
+        if plan.append_slot is None:
+            n = plan.keep_idx.numel()
+            self.received[:, :n] = self.received_view[:, plan.keep_idx]
+            self.received[:, n:] = 0
+        self.received_view = None
+        return evicted
 
     # CacheLayerMixin interface (the owning cache answers for the shared table)
     def update(self, key_states, value_states, *args, **kwargs):  # pragma: no cover - called via the cache
@@ -147,11 +190,15 @@ class StreamingLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pin_keys))
 
 
+
 class StreamingCache(Cache):
     """Base class of the cache policies: keeps at most `budget` tokens between steps (None = no limit),
     the first `sinks` of the stream pinned. Subclasses choose what to keep with `keep_mask`."""
 
     name = "base"
+    observe = False  # layers keep the attention each kept token received (needs `attend`)
+    keeps_evicted = False  # layers copy out the keys/values each step evicts (`layer.evicted`)
+    reserved = 0  # the most positions `gap()` can ever reserve (position restarts leave room for them)
 
     def __init__(self, model, *, budget: int | None, sinks: int = 0, max_position: int | None = None):
         if budget is not None and (not isinstance(budget, int) or budget < 1):
@@ -161,6 +208,7 @@ class StreamingCache(Cache):
         if budget is not None and sinks >= budget:
             raise ValueError(f"sinks ({sinks}) must be smaller than the cache budget ({budget}): no room for recent tokens")
         self.rope = rope_for(model)
+        self.n_layers = model.config.get_text_config().num_hidden_layers  # every layer stores keys (the probe checks)
         # Bounded caches reorder tokens inside the buffer, which a sliding-window mask (index arithmetic)
         # would misread; dense keeps stream order, so the model's own sliding mask stays right.
         window = getattr(model.config, "sliding_window", None)
@@ -174,10 +222,11 @@ class StreamingCache(Cache):
         self.budget, self.sinks = budget, sinks
         if max_position is None and budget is not None:
             # restart positions every ~budget+256 tokens; stay inside the trained context when it is small
-            max_position = 2 * budget + 256
+            span = budget + self.reserved  # kept tokens plus the positions a policy may reserve between them
+            max_position = 2 * span + 256
             trained = getattr(model.config, "max_position_embeddings", None)
             if trained:
-                max_position = min(max_position, max(trained, budget + 1))
+                max_position = min(max_position, max(trained, span + 1))
         self.max_position = max_position
         cap = budget + 1 if budget is not None else 256
         self.seq = torch.full((cap,), -1, dtype=torch.long)  # per slot: index of the token in the stream
@@ -189,6 +238,11 @@ class StreamingCache(Cache):
         self._requested_p0: int | None = None
         self._plan: _Plan | None = None
         self._first_layer: int | None = None
+        if hasattr(self, "attend"):
+            from ..attention import use_streamkv_attention
+
+            use_streamkv_attention(model)
+        self._attended: set[int] = set()  # layers whose attention went through `attend` this step
 
     # ---- what a policy decides ------------------------------------------------------------------------
     def keep_mask(self, seq: torch.Tensor) -> torch.Tensor:
@@ -202,13 +256,17 @@ class StreamingCache(Cache):
         keep[-recent:] = True
         return keep
 
+    def gap(self) -> int:
+        """Positions to reserve between the pinned tokens and the window this step (see `memory.py`)."""
+        return 0
+
     # ---- positions --------------------------------------------------------------------------------------
     def position_ids(self, q: int) -> torch.Tensor:
         """Positions for the next q tokens (what a streaming runtime feeds). Restarts them when they would
         pass max_position, so they stay bounded on an endless stream."""
         p0 = self.next_pos
         if self.max_position is not None and p0 + q > self.max_position:
-            p0 = self.n_kept
+            p0 = self.n_kept + self.reserved
         self._requested_p0 = p0
         return torch.arange(p0, p0 + q, dtype=torch.long).unsqueeze(0)
 
@@ -235,10 +293,34 @@ class StreamingCache(Cache):
         if self._first_layer is None:
             self._first_layer = layer_idx
         if layer_idx == self._first_layer:
+            self._check_attended()
             self._plan = self._make_plan(key_states.shape[2])
+            self._attended = set()
         while len(self.layers) <= layer_idx:
-            self.layers.append(StreamingLayer())
-        return self.layers[layer_idx].apply(key_states, value_states, self._plan, self.rope, self.sinks)
+            self.layers.append(StreamingLayer(self.observe))
+        keys, values = self.layers[layer_idx].apply(key_states, value_states, self._plan, self.rope, self.sinks)
+        if hasattr(self, "attend"):
+            from ..attention import set_hook
+
+            set_hook(keys, lambda module, query, k, v, scaling: self._attend_layer(layer_idx, module, query, k, v, scaling))
+        return keys, values
+
+    def _attend_layer(self, layer_idx, module, query, keys, values, scaling):
+        self._attended.add(layer_idx)
+        return self.attend(layer_idx, module, query, keys, values, scaling)
+
+    def _check_attended(self) -> None:
+        """A policy with `attend` must see every layer's attention (else evicted tokens would be lost
+        silently): refuse a model whose attention does not go through transformers' attention interface."""
+        if not hasattr(self, "attend") or self._plan is None:
+            return
+        missing = [i for i, layer in enumerate(self.layers) if layer.is_initialized and i not in self._attended]
+        if missing:
+            raise UnsupportedModelError(
+                f"policy {self.name!r} computes attention itself, but layers {missing[:5]} of this model did not call "
+                "the attention function registered with transformers' attention interface (is the model's "
+                "attn_implementation 'streamkv'? a custom attention module?); use sink or window for this model."
+            )
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a streaming cache cannot be cropped (assisted/speculative decoding is not supported)")
@@ -268,9 +350,12 @@ class StreamingCache(Cache):
         kept_slots = kept_slots[order]
         n_kept = kept_slots.numel()
 
-        # lay kept tokens out contiguously before p0; re-rotate those whose distance to p0 changed
+        # lay kept tokens out contiguously before p0, the pinned ones `gap` positions earlier; re-rotate those
+        # whose distance to p0 changed
+        gap = self.gap()
         wanted = torch.arange(p0 - n_kept, p0, dtype=torch.long)
         pinned = kept_seq < self.sinks
+        wanted[pinned] -= gap
         stale = self.pos[kept_slots] != wanted
         rot = stale & ~pinned
         rot_slots, rot_delta = kept_slots[rot], (wanted - self.pos[kept_slots])[rot]
@@ -289,6 +374,8 @@ class StreamingCache(Cache):
         self.next_pos = p0 + q
         cs = self.rope.cos_sin
         plan = _Plan(self.seq.numel(), rot_slots, cs(rot_delta), pin_slots, pin_idx, cs(pin_delta), new_pins)
+        plan.p0, plan.gap = p0, gap
+        plan.window_start = p0 - n_kept + int(pinned.sum())
 
         holes = (used < 0).nonzero().squeeze(1)
         if q == 1 and holes.numel() <= 1:  # decode fast path
@@ -298,7 +385,12 @@ class StreamingCache(Cache):
                 slot, plan.n_view = self.n_used, self.n_used + 1
                 plan.capacity = self._ensure_capacity(plan.n_view)
             self.seq[slot], self.pos[slot] = new_seq[0], p0
-            self.seq[kept_slots[~keep[:n_kept]]] = -1  # evicted after this step's attention
+            gone = ~keep[:n_kept]
+            if self.keeps_evicted and (bool(gone.any()) or not keep[-1]):
+                plan.evict_src = torch.cat([kept_slots[gone], torch.tensor([slot] if not keep[-1] else [], dtype=torch.long)])
+                plan.evict_seq = torch.cat([kept_seq, new_seq])[~keep]
+                plan.evict_pos = torch.cat([wanted, new_pos])[~keep]
+            self.seq[kept_slots[gone]] = -1  # evicted after this step's attention
             if not keep[-1]:
                 self.seq[slot] = -1
             self.n_used = plan.n_view
@@ -314,6 +406,10 @@ class StreamingCache(Cache):
         self.pos[:n] = torch.cat([wanted, new_pos])[keep_idx]
         self.n_used = n
         plan.gather_slots, plan.keep_idx = kept_slots, keep_idx
+        if self.keeps_evicted and n < keep.numel():
+            plan.evict_src = (~keep).nonzero().squeeze(1)
+            plan.evict_seq = torch.cat([kept_seq, new_seq])[plan.evict_src]
+            plan.evict_pos = torch.cat([wanted, new_pos])[plan.evict_src]
         return plan
 
     # ---- introspection and persistence ---------------------------------------------------------------
@@ -348,7 +444,7 @@ class StreamingCache(Cache):
         self.layers = []
         cap = self.seq.numel()
         for saved in state["layers"]:
-            layer = StreamingLayer()
+            layer = StreamingLayer(self.observe)
             if saved is not None:
                 layer.lazy_initialization(saved["keys"], saved["values"], cap, self.sinks)
                 layer.keys[:, :, : self.n_used] = saved["keys"]

@@ -1,0 +1,218 @@
+"""Where the `memory` policy puts evicted context: blocks of B tokens in RAM (LRU, byte cap), then on disk.
+
+A block is the keys and values of the same B consecutive stream tokens in *every* layer (the shared slot table
+evicts the same tokens from all layers at once), stored as computed: each key still rotated at the position
+recorded in `pos`, so fetching re-rotates it once from this copy and never from a previous re-rotation.
+
+Tiers:
+* RAM: an LRU of whole blocks capped at `ram_bytes`. New blocks land here; the cap is enforced when the next
+  step starts, so between steps the tier may hold the blocks of one step (a chunk of C tokens: C/B) more.
+* Disk: one file per block (`block-00000042.skv`), written when the RAM tier is over its cap (`spill()`, called
+  at the start of a step, before the cache changes anything: a failed write raises and leaves the stream as it
+  was, the block still in RAM) or for a snapshot (`flush()`). Layer-major layout, so fetching layer l of a block
+  is one read; every layer's keys and values carry a CRC32 checked on each read. A missing, torn or foreign
+  file is a `BlockStoreError` that names the file, never garbage.
+
+File layout: b"SKVBLK1\\n", a little-endian uint32 header length, a JSON header (block id, store tag, shapes,
+dtype, positions, CRCs), then for each layer its keys [H, B, D] and values [H, B, Dv] as raw bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import weakref
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MAGIC = b"SKVBLK1\n"
+
+
+class BlockStoreError(RuntimeError):
+    """A memory block could not be written or read back intact (the message names the file and what to do)."""
+
+
+@dataclass
+class Block:
+    keys: torch.Tensor  # [L, H, B, D], each token rotated at pos[token]
+    values: torch.Tensor  # [L, H, B, Dv]
+    pos: torch.Tensor  # [B] positions the keys are rotated at
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()  # via uint8: works for bfloat16 too
+
+
+class BlockStore:
+    def __init__(self, directory: str | os.PathLike | None, ram_bytes: int, tag: str):
+        if directory is None:
+            self.directory = Path(tempfile.mkdtemp(prefix="streamkv-memory-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.directory), True)
+        else:
+            self.directory = Path(directory)
+            self._cleanup = None
+            if not self.directory.is_dir():
+                raise BlockStoreError(f"memory store directory {self.directory} does not exist; create it or pass another store_dir")
+            if not os.access(self.directory, os.W_OK | os.X_OK):
+                raise BlockStoreError(f"memory store directory {self.directory} is not writable; pass another store_dir")
+        self.ram_bytes, self.tag = ram_bytes, tag
+        self.n_blocks = 0  # blocks 0..n_blocks-1 exist (in RAM, on disk, or both)
+        self.ram: OrderedDict[int, Block] = OrderedDict()  # LRU: least recently used first
+        self.on_disk: set[int] = set()
+        self._pending: dict[int, list] = {}  # block id -> per-layer (keys, values), until every layer gave its part
+        self._headers: dict[int, dict] = {}
+        self.reads = {"ram": 0, "disk": 0}
+
+    # ---- writing -----------------------------------------------------------------------------------
+    def add_layer(self, block_id: int, layer: int, n_layers: int, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
+        """One layer's part of block `block_id` (keys [H, B, D], values [H, B, Dv]). The block is complete,
+        and retrievable, once all `n_layers` layers have given theirs."""
+        parts = self._pending.setdefault(block_id, [None] * n_layers)
+        parts[layer] = (keys, values)
+        if all(p is not None for p in parts):
+            del self._pending[block_id]
+            if block_id != self.n_blocks:
+                raise BlockStoreError(f"memory blocks must arrive in stream order: got block {block_id}, expected {self.n_blocks}")
+            block = Block(torch.stack([k for k, _ in parts]), torch.stack([v for _, v in parts]), pos.clone())
+            self.ram[block_id] = block
+            self.n_blocks += 1
+
+    def path(self, block_id: int) -> Path:
+        return self.directory / f"block-{block_id:08d}.skv"
+
+    def _write(self, block_id: int, block: Block, sync: bool) -> None:
+        layers = block.keys.shape[0]
+        chunks, crcs = [], []
+        for l in range(layers):
+            k, v = _raw(block.keys[l]), _raw(block.values[l])
+            chunks += [k, v]
+            crcs.append([zlib.crc32(k), zlib.crc32(v)])
+        header = json.dumps({
+            "block": block_id, "tag": self.tag, "dtype": str(block.keys.dtype).removeprefix("torch."),
+            "keys": list(block.keys.shape[1:]), "values": list(block.values.shape[1:]), "layers": layers,
+            "pos": block.pos.tolist(), "crc": crcs,
+        }).encode()
+        target = self.path(block_id)
+        tmp = target.with_suffix(".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(MAGIC + struct.pack("<I", len(header)) + header)
+                for c in chunks:
+                    f.write(c)
+                if sync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise BlockStoreError(
+                f"could not write memory block {target}: {e.strerror or e}. Free space in {self.directory} or use another "
+                "store_dir; nothing was lost (the block is still in RAM)."
+            ) from None
+        self.on_disk.add(block_id)
+
+    def spill(self) -> None:
+        """Move least-recently-used blocks to disk until the RAM tier fits its cap."""
+        while self.ram and self.ram_used() > self.ram_bytes:
+            block_id, block = next(iter(self.ram.items()))
+            if block_id not in self.on_disk:
+                self._write(block_id, block, sync=False)
+            del self.ram[block_id]
+
+    def flush(self) -> None:
+        """Every block on disk (durably), e.g. before a snapshot refers to them. RAM keeps its copies."""
+        for block_id, block in self.ram.items():
+            if block_id not in self.on_disk:
+                self._write(block_id, block, sync=True)
+
+    # ---- reading -----------------------------------------------------------------------------------
+    def _header(self, block_id: int) -> dict:
+        if block_id in self._headers:
+            return self._headers[block_id]
+        path = self.path(block_id)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(MAGIC) + 4)
+                if len(head) < len(MAGIC) + 4 or head[: len(MAGIC)] != MAGIC:
+                    raise BlockStoreError(f"memory block {path} is not a streamkv block file (damaged or foreign)")
+                (n,) = struct.unpack("<I", head[len(MAGIC):])
+                header = json.loads(f.read(n))
+        except FileNotFoundError:
+            raise BlockStoreError(f"memory block {path} is missing; the memory store of this stream is incomplete") from None
+        except (ValueError, UnicodeDecodeError):
+            raise BlockStoreError(f"memory block {path} has a damaged header") from None
+        if header.get("block") != block_id or header.get("tag") != self.tag:
+            raise BlockStoreError(f"memory block {path} belongs to another stream or block (tag {header.get('tag')!r}, block {header.get('block')!r})")
+        header["offset"] = len(MAGIC) + 4 + n
+        self._headers[block_id] = header
+        return header
+
+    def get(self, block_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer `layer` of block `block_id`: keys [H, B, D], values [H, B, Dv], pos [B]."""
+        if not 0 <= block_id < self.n_blocks:
+            raise BlockStoreError(f"memory block {block_id} does not exist (the store holds {self.n_blocks})")
+        block = self.ram.get(block_id)
+        if block is not None:
+            self.ram.move_to_end(block_id)
+            self.reads["ram"] += 1
+            return block.keys[layer], block.values[layer], block.pos
+        h = self._header(block_id)
+        dtype = getattr(torch, h["dtype"])
+        item = torch.finfo(dtype).bits // 8
+        ksize, vsize = [int(torch.tensor(h[x]).prod()) * item for x in ("keys", "values")]
+        path = self.path(block_id)
+        with open(path, "rb") as f:
+            f.seek(h["offset"] + layer * (ksize + vsize))
+            data = f.read(ksize + vsize)
+        kc, vc = h["crc"][layer]
+        if len(data) != ksize + vsize or zlib.crc32(data[:ksize]) != kc or zlib.crc32(data[ksize:]) != vc:
+            raise BlockStoreError(f"memory block {path} is damaged (layer {layer}: truncated or checksum mismatch)")
+        buf = bytearray(data)
+        keys = torch.frombuffer(buf, dtype=torch.uint8, count=ksize).view(dtype).view(h["keys"])
+        values = torch.frombuffer(buf, dtype=torch.uint8, offset=ksize, count=vsize).view(dtype).view(h["values"])
+        self.reads["disk"] += 1
+        return keys, values, torch.tensor(h["pos"], dtype=torch.long)
+
+    # ---- bookkeeping -------------------------------------------------------------------------------
+    def ram_used(self) -> int:
+        return sum(b.nbytes for b in self.ram.values())
+
+    def disk_used(self) -> int:
+        return sum(self.path(i).stat().st_size for i in self.on_disk if self.path(i).exists())
+
+    def stats(self) -> dict:
+        return {"blocks": self.n_blocks, "blocks_in_ram": len(self.ram), "blocks_on_disk": len(self.on_disk),
+                "ram_bytes": self.ram_used(), "disk_bytes": self.disk_used(), "reads_ram": self.reads["ram"],
+                "reads_disk": self.reads["disk"], "store_dir": str(self.directory)}
+
+    def adopt(self, n_blocks: int) -> None:
+        """Continue from a snapshot taken when the store held `n_blocks` (all flushed to this directory):
+        check every block file, forget blocks written after it."""
+        self.ram.clear()
+        self._pending.clear()
+        self._headers.clear()
+        self.n_blocks = n_blocks
+        self.on_disk = set(range(n_blocks))
+        for i in range(n_blocks):
+            self._header(i)
+
+    def close(self) -> None:
+        """Delete the store's files (a temporary store is also deleted when garbage-collected)."""
+        self.ram.clear()
+        if self._cleanup is not None:
+            self._cleanup()
+        else:
+            for i in range(self.n_blocks):
+                self.path(i).unlink(missing_ok=True)
+        self.n_blocks = 0
+        self.on_disk.clear()

@@ -1,0 +1,221 @@
+"""`memory`: sinks + a recent window + the few evicted blocks most relevant to the current queries (InfLLM, ReKV).
+
+Resident per layer: S sinks, the most recent W..W+B-1 tokens, and up to K retrieved blocks of B tokens.
+Everything evicted is kept, in blocks, in a `BlockStore` (RAM with a byte cap, then disk), so a fact far
+back in the stream can come back when the queries ask for it; resident memory stays bounded however long
+the stream: RAM holds the resident tokens, the store's RAM tier (capped) and a small index.
+
+How a step works (see `attend`):
+1. The shared slot table (base.py) holds sinks + window and evicts from the window in whole blocks of B
+   tokens (`keep_mask`); the evicted keys/values of every layer go to the store as one block.
+2. Each block gets `reps` representative keys per KV head: the tokens that received the most attention
+   while they were in the window (InfLLM's rule), observed in this very attention function. The index of
+   representatives (rotated to position 0) always stays resident.
+3. At every step (each prefill chunk, each decoded token) every layer scores the blocks with its current
+   queries (mean query of the chunk, per query head, max over a block's representatives, summed over heads:
+   one choice shared by the heads of a layer, as InfLLM) and takes the top K, in stream order.
+4. Placement by place: the retrieved tokens are attended as if they sat contiguously between the sinks and
+   the window (the base reserves `gap()` positions; sinks move before it). Their keys are rotated once, from
+   the store's copy, to positions 0..G-1 and the *query* is rotated by G - window_start for that part: RoPE
+   is relative, so this equals re-rotating every retrieved key every step, at the cost of one query
+   rotation. With `placement="fixed"` every retrieved token sits at one position right before the window
+   (InfLLM's choice) instead.
+
+Exactness: with K*B at least the evicted tokens every block is retrieved, in order, contiguously: the cache
+then attends exactly what a dense cache does at the same distances (tests: equals `dense` to 1e-4). On one
+layer every step equals a fresh forward over sinks + retrieved blocks + window + new tokens at contiguous
+positions (`last_context()` says which).
+"""
+from __future__ import annotations
+
+import uuid
+
+import torch
+
+from ..attention import attend_parts
+from .base import StreamingCache
+from .blockstore import BlockStore
+
+PLACEMENTS = ("contiguous", "fixed")
+
+
+def _positive(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class MemoryCache(StreamingCache):
+    name = "memory"
+    observe = True
+    keeps_evicted = True
+
+    def __init__(self, model, sinks: int = 4, window: int = 768, block: int = 64, topk: int = 16, reps: int = 4,
+                 ram_mb: int = 256, store_dir: str | None = None, placement: str = "contiguous"):
+        for n, v in (("window", window), ("block", block), ("topk", topk), ("reps", reps)):
+            _positive(n, v)
+        if not isinstance(ram_mb, int) or isinstance(ram_mb, bool) or ram_mb < 0:
+            raise ValueError(f"ram_mb must be a non-negative integer, got {ram_mb!r}")
+        if reps > block:
+            raise ValueError(f"reps ({reps}) cannot exceed block ({block})")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        self.window, self.block, self.topk, self.reps, self.placement = window, block, topk, reps, placement
+        self.ram_mb, self.store_dir = ram_mb, store_dir
+        self.reserved = topk * block if placement == "contiguous" else 1
+        super().__init__(model, budget=sinks + window + block - 1, sinks=sinks)
+        self.store = BlockStore(store_dir, ram_mb * 2**20, tag=uuid.uuid4().hex)
+        self.index: list[torch.Tensor | None] = []  # per layer: representatives [n_blocks, H, reps, D] at position 0
+        self._fetched: dict[int, tuple] = {}  # per layer: (block ids, keys [1,H,G,D] at canonical places, values)
+        self.hits = {"reused": 0, "fetched": 0}  # per layer-step: retrieved set unchanged / (re)built
+        self.retrieved: dict[int, list[int]] = {}  # per layer: block ids attended at the last step
+
+    # ---- what is kept -------------------------------------------------------------------------------
+    def keep_mask(self, seq: torch.Tensor) -> torch.Tensor:
+        """Sinks, and the recent tokens: evict the oldest in whole blocks, leaving W..W+B-1 of them."""
+        keep = torch.ones_like(seq, dtype=torch.bool)
+        recent = (seq >= self.sinks).nonzero().squeeze(1)
+        if recent.numel() > self.window + self.block - 1:
+            keep[recent[: (recent.numel() - self.window) // self.block * self.block]] = False
+        return keep
+
+    def _n_retrieved(self) -> int:
+        return min(self.topk, self.store.n_blocks)
+
+    def gap(self) -> int:
+        k = self._n_retrieved()
+        return (k * self.block if self.placement == "contiguous" else 1) if k else 0
+
+    def _make_plan(self, q: int):
+        self.store.spill()  # before anything changes: a failed write leaves the stream as it was
+        return super()._make_plan(q)
+
+    # ---- attention ----------------------------------------------------------------------------------
+    def attend(self, layer_idx, module, query, keys, values, scaling):
+        plan, layer, rope = self._plan, self.layers[layer_idx], self.rope
+        q, n = query.shape[2], keys.shape[2]
+        mask = None
+        if q > 1:  # the new tokens are the last q of the local keys (chunk path)
+            mask = torch.arange(n)[None, :] <= (n - q + torch.arange(q))[:, None]
+        parts = [(query, keys, values, mask)]
+        ids = []
+        if plan.gap:
+            ids = self._select(layer_idx, query, plan)
+            mem_k, mem_v = self._fetch(layer_idx, ids)
+            if self.placement == "contiguous":  # retrieved token j at window_start - G + j; its key at j
+                q_mem = rope.rotate(query, plan.gap - plan.window_start)
+            else:  # every retrieved token at window_start - 1; its key at 0
+                q_mem = rope.rotate(query, 1 - plan.window_start)
+            parts.append((q_mem, mem_k, mem_v, None))
+        self.retrieved[layer_idx] = ids
+        out, received = attend_parts(query, parts, scaling)
+        layer.received_view += received[0]
+        evicted_scores = layer.finish_step(plan)
+        if layer.evicted is not None:
+            self._store_evicted(layer_idx, layer.evicted, evicted_scores, plan)
+            layer.evicted = None
+        return out
+
+    def _select(self, layer_idx: int, query: torch.Tensor, plan) -> list[int]:
+        """The K blocks whose representatives best match this step's queries (ascending block ids)."""
+        n_blocks, k = self.store.n_blocks, self._n_retrieved()
+        if n_blocks <= k:
+            return list(range(n_blocks))
+        reps = self.index[layer_idx][:n_blocks]  # [n, H, r, D] at position 0
+        hkv = reps.shape[1]
+        # the queries, moved so that position 0 (the representatives) sits mid-way in the gap
+        qbar = self.rope.rotate(query, plan.gap // 2 - plan.window_start).mean(dim=2)[0]  # [Hq, D]
+        qbar = qbar.view(hkv, -1, qbar.shape[-1])  # [Hkv, g, D]
+        scores = torch.einsum("hgd,nhrd->nhgr", qbar.float(), reps.float()).amax(dim=-1).sum(dim=(1, 2))  # [n]
+        return sorted(scores.topk(k).indices.tolist())
+
+    def _fetch(self, layer_idx: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the retrieved blocks [1, H, G, D], keys rotated once from the store's copy to their
+        canonical places (0..G-1, or all 0 with fixed placement). Reused while the choice does not change."""
+        cached = self._fetched.get(layer_idx)
+        if cached is not None and cached[0] == ids:
+            self.hits["reused"] += 1
+            return cached[1], cached[2]
+        self.hits["fetched"] += 1
+        parts = [self.store.get(i, layer_idx) for i in ids]
+        k = torch.cat([p[0] for p in parts], dim=1)  # [H, G, D]
+        v = torch.cat([p[1] for p in parts], dim=1)
+        pos = torch.cat([p[2] for p in parts])  # [G]
+        target = torch.arange(pos.numel()) if self.placement == "contiguous" else torch.zeros_like(pos)
+        k = self.rope.rotate(k, target - pos).unsqueeze(0)
+        v = v.unsqueeze(0)
+        self._fetched[layer_idx] = (ids, k, v)
+        return k, v
+
+    def _store_evicted(self, layer_idx: int, evicted, scores: torch.Tensor, plan) -> None:
+        """Hand this step's evicted tokens (whole blocks) to the store, and index their representatives."""
+        keys, values = evicted[0][0], evicted[1][0]  # [H, e, D]
+        h, e, d = keys.shape
+        B = self.block
+        for j in range(0, e, B):
+            block_id = (int(plan.evict_seq[j]) - self.sinks) // B
+            k, v, pos = keys[:, j : j + B], values[:, j : j + B], plan.evict_pos[j : j + B]
+            top = scores[:, j : j + B].topk(self.reps, dim=1).indices  # [H, r]: most attended while in the window
+            rep = torch.gather(k, 1, top[..., None].expand(h, self.reps, d))  # [H, r, D]
+            rep = self.rope.rotate(rep.reshape(h * self.reps, d), -pos[top.reshape(-1)]).view(1, h, self.reps, d)
+            self._index_append(layer_idx, block_id, rep)
+            self.store.add_layer(block_id, layer_idx, self.n_layers, k.clone(), v.clone(), pos)
+
+    def _index_append(self, layer_idx: int, block_id: int, rep: torch.Tensor) -> None:
+        while len(self.index) <= layer_idx:
+            self.index.append(None)
+        idx = self.index[layer_idx]
+        if idx is None:
+            idx = rep.new_zeros((16, *rep.shape[1:]))
+        if block_id >= idx.shape[0]:  # grow by doubling
+            idx = torch.cat([idx, idx.new_zeros(idx.shape)], dim=0)
+        idx[block_id] = rep[0]
+        self.index[layer_idx] = idx
+
+    # ---- introspection ------------------------------------------------------------------------------
+    def last_context(self, layer_idx: int = 0) -> list[int]:
+        """Stream indices attended at the last step by `layer_idx`, in the order they were placed: sinks,
+        retrieved blocks, window (the new tokens follow)."""
+        kept = sorted(int(s) for s in self.seq[: self.n_used] if s >= 0)
+        sinks = [s for s in kept if s < self.sinks]
+        blocks = [t for b in self.retrieved.get(layer_idx, []) for t in range(self.sinks + b * self.block, self.sinks + (b + 1) * self.block)]
+        return sinks, blocks
+
+    def nbytes(self) -> int:
+        fetched = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for _, k, v in self._fetched.values())
+        return super().nbytes() + fetched
+
+    def index_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.index if t is not None)
+
+    def memory_stats(self) -> dict:
+        return {"resident_tokens": self.n_kept + self.gap(), "index_bytes": self.index_bytes(),
+                "retrieval_reused": self.hits["reused"], "retrieval_fetched": self.hits["fetched"], **self.store.stats()}
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "sinks": self.sinks, "window": self.window, "block": self.block, "topk": self.topk,
+                "reps": self.reps, "placement": self.placement}
+
+    # ---- persistence --------------------------------------------------------------------------------
+    def state_dict(self, copy: bool = True) -> dict:
+        """Every block is flushed to the store directory first: the snapshot refers to them by count."""
+        self.store.flush()
+        state = super().state_dict(copy)
+        state["memory"] = {"n_blocks": self.store.n_blocks, "store_dir": str(self.store.directory), "tag": self.store.tag,
+                           "index": [t[: self.store.n_blocks].clone() if t is not None else None for t in self.index],
+                           "received": [l.received[:, : self.n_used].clone() if l.is_initialized else None for l in self.layers]}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        mem = state["memory"]
+        if self.store_dir is None:  # a temporary store continues in the snapshot's directory
+            self.store.directory = type(self.store.directory)(mem["store_dir"])
+        self.store.tag = mem["tag"]
+        self.store.adopt(mem["n_blocks"])
+        self.index = [t.clone() if t is not None else None for t in mem["index"]]
+        for layer, rec in zip(self.layers, mem["received"]):
+            if rec is not None:
+                layer.observe = True
+                layer.received = torch.zeros((rec.shape[0], self.seq.numel()), dtype=torch.float32)
+                layer.received[:, : rec.shape[1]] = rec
+        self._fetched.clear()

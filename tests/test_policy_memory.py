@@ -1,0 +1,191 @@
+"""`memory` (block store + retrieval) against exact references, and its store's tiers, faults and snapshots."""
+import os
+
+import pytest
+import torch
+from test_core_policies import random_ids, stream
+from tiny import ARCHS, VOCAB, make_tiny
+
+from streamkv import make_policy
+from streamkv.policies.blockstore import BlockStore, BlockStoreError
+from streamkv.session import StreamSession
+
+torch.set_grad_enabled(False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("chunks", [[1], [7, 1, 1, 13, 1, 30]], ids=["token-by-token", "chunked"])
+def test_retrieving_every_block_equals_dense(arch, chunks):
+    """K*B >= every evicted token: all blocks come back in stream order, contiguously between sinks and
+    window, so the cache attends what dense does at the same distances."""
+    model = make_tiny(arch, layers=2)
+    ids = random_ids(260)
+    reference = model(ids).logits[0]
+    cache = make_policy("memory", model, sinks=3, window=20, block=8, topk=40, reps=2, ram_mb=0)  # ram 0: via disk
+    got = stream(model, cache, ids, chunks)
+    assert (got - reference).abs().max().item() < 1e-4
+    assert cache.store.n_blocks == (260 - 3 - 20) // 8 and cache.store.stats()["reads_disk"] > 0
+
+
+def test_generate_with_memory_equals_dense():
+    model = make_tiny("llama", layers=2)
+    prompt = random_ids(12, seed=1)
+    kwargs = dict(max_new_tokens=60, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    dense = model.generate(prompt, **kwargs)
+    out = model.generate(prompt, past_key_values=make_policy("memory", model, sinks=2, window=10, block=4, topk=30), **kwargs)
+    assert torch.equal(out.sequences, dense.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(out.logits, dense.logits)) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("placement", ["contiguous", "fixed"])
+@pytest.mark.parametrize("chunks", [[1], [5, 1, 1, 9, 1, 2]], ids=["token-by-token", "chunked"])
+def test_one_layer_step_equals_fresh_forward_over_what_it_attends(arch, placement, chunks):
+    """One layer: a token's key/value depend on that token and its position only. So every step must equal a
+    fresh forward over exactly sinks + the retrieved blocks (the policy says which) + window + new tokens,
+    at the positions the placement gives: contiguous 0..n-1, or every retrieved token at the position right
+    before the window. Few blocks retrieved out of many, evictions and position restarts included."""
+    sinks, window, block, topk = 2, 6, 3, 2
+    model = make_tiny(arch, layers=1)
+    cache = make_policy("memory", model, sinks=sinks, window=window, block=block, topk=topk, reps=2, placement=placement, ram_mb=0)
+    cache.max_position = 40  # many position restarts in a short stream
+    ids = random_ids(220, seed=2)
+    start, i, restarts, choices = 0, 0, 0, set()
+    while start < ids.shape[1]:
+        q = min(chunks[i % len(chunks)], ids.shape[1] - start)
+        kept = sorted(int(s) for s in cache.seq[: cache.n_used] if s >= 0)
+        before = cache.next_pos
+        pos = cache.position_ids(q)
+        restarts += int(pos[0, 0].item() != before)
+        got = model(input_ids=ids[:, start : start + q], position_ids=pos, past_key_values=cache, use_cache=True).logits[0]
+        blocks = cache.retrieved[0]
+        assert len(blocks) == min(topk, max(0, (start - sinks - window) // block)) or start < sinks + window + block
+        mem = [t for b in blocks for t in range(sinks + b * block, sinks + (b + 1) * block)]
+        sink_ids, win_ids = [t for t in kept if t < sinks], [t for t in kept if t >= sinks]
+        context = sink_ids + mem + win_ids + list(range(start, start + q))
+        if placement == "contiguous":
+            positions = list(range(len(context)))
+        else:
+            n_s = len(sink_ids)
+            one = n_s if mem else None  # all retrieved tokens at one position, the window right after it
+            positions = list(range(n_s)) + [one] * len(mem) + list(range(n_s + (1 if mem else 0), n_s + (1 if mem else 0) + len(win_ids) + q))
+        reference = model(input_ids=ids[:, context], position_ids=torch.tensor([positions])).logits[0, -q:]
+        assert (got - reference).abs().max().item() < 1e-4, f"step at token {start}"
+        assert cache.n_kept <= sinks + window + block - 1
+        choices.add(tuple(blocks))
+        start, i = start + q, i + 1
+    assert restarts >= 3 and len(choices) > 5, (restarts, len(choices))
+
+
+def test_block_round_trips_bit_exactly_and_damage_is_named(tmp_path):
+    store = BlockStore(tmp_path, ram_bytes=0, tag="t")
+    g = torch.Generator().manual_seed(0)
+    layers = [(torch.randn(3, 8, 16, generator=g), torch.randn(3, 8, 16, generator=g)) for _ in range(2)]
+    pos = torch.arange(100, 108)
+    for l, (k, v) in enumerate(layers):
+        store.add_layer(0, l, 2, k, v, pos)
+    ram = store.get(0, 1)
+    store.spill()  # over the 0-byte cap: to disk
+    assert store.stats()["blocks_in_ram"] == 0 and store.stats()["blocks_on_disk"] == 1
+    for l, (k, v) in enumerate(layers):
+        dk, dv, dpos = store.get(0, l)
+        assert torch.equal(dk, k) and torch.equal(dv, v) and torch.equal(dpos, pos)
+    assert torch.equal(ram[0], layers[1][0])
+    path = store.path(0)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # flip a byte of layer 1's values
+    path.write_bytes(bytes(data))
+    store._headers.clear()
+    store.get(0, 0)  # layer 0 is intact
+    with pytest.raises(BlockStoreError, match=r"block-00000000.skv is damaged \(layer 1"):
+        store.get(0, 1)
+    path.write_bytes(bytes(data[: len(data) // 2]))  # torn
+    with pytest.raises(BlockStoreError, match="damaged"):
+        store.get(0, 1)
+    path.write_bytes(b"garbage" * 10)
+    store._headers.clear()
+    with pytest.raises(BlockStoreError, match="not a streamkv block file"):
+        store.get(0, 0)
+    path.unlink()
+    with pytest.raises(BlockStoreError, match="block-00000000.skv is missing"):
+        store.get(0, 0)
+
+
+def test_store_directory_errors(tmp_path):
+    model = make_tiny("llama", layers=1)
+    with pytest.raises(BlockStoreError, match="does not exist"):
+        make_policy("memory", model, store_dir=str(tmp_path / "nope"))
+    for params, message in [(dict(block=0), "block must be a positive integer"), (dict(placement="middle"), "placement must be one of"),
+                            (dict(reps=9, block=8), "cannot exceed block"), (dict(ram_mb=-1), "ram_mb must be a non-negative")]:
+        with pytest.raises(ValueError, match=message):
+            make_policy("memory", model, **params)
+
+
+def test_disk_full_raises_clearly_and_loses_nothing(tmp_path):
+    """A write that fails (ENOSPC from /dev/full) raises before the step changes anything; once space is
+    back, the stream continues exactly as an uninterrupted one."""
+    model = make_tiny("llama", layers=2)
+    ids = random_ids(120, seed=5)[0]
+    params = dict(sinks=2, window=8, block=4, topk=3, ram_mb=0)
+    ref = StreamSession(model, None, "memory", chunk_size=16, **params)
+    ref.feed(ids[:60])
+    expected = ref.feed(ids[60:])  # same chunking as below (chunking changes what a bounded cache attends)
+    cache = make_policy("memory", model, store_dir=str(tmp_path), **params)
+    session = StreamSession(model, None, cache, chunk_size=16)
+    session.feed(ids[:60])
+    n = cache.store.n_blocks
+    os.symlink("/dev/full", cache.store.path(n - 1).with_suffix(".tmp"))  # the next spill writes into a full disk
+    stream_state = lambda: {k: session.stats()[k] for k in ("tokens_seen", "tokens_cached", "cache_bytes", "next_position", "blocks")}
+    before = (stream_state(), session.logits.clone())
+    with pytest.raises(BlockStoreError, match="No space left on device"):
+        session.feed(ids[60:61])
+    assert stream_state() == before[0] and torch.equal(session.logits, before[1])  # (blocks may have changed tier)
+    got = session.feed(ids[60:])  # the symlink is gone with the failed write: the retry succeeds
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_snapshot_restores_identical_logits(tmp_path):
+    model = make_tiny("llama", layers=2)
+    ids = random_ids(400, seed=6)[0]
+    params = dict(sinks=2, window=16, block=8, topk=4, ram_mb=0, store_dir=str(tmp_path))
+    a = StreamSession(model, None, "memory", chunk_size=32, **params)
+    a.feed(ids[:250])
+    state = a.state_dict()
+    expected = a.feed(ids[250:])
+    b = StreamSession(model, None, "memory", chunk_size=32, **params)
+    b.load_state_dict(state)
+    got = b.feed(ids[250:])
+    assert torch.equal(got, expected)
+
+
+def test_resident_memory_bounded_over_50k_tokens(tmp_path):
+    """Resident KV (slot table + retrieved blocks) never exceeds S + W + B - 1 + K*B tokens; the store's RAM
+    tier stays under its cap while the disk tier grows linearly with the stream."""
+    model = make_tiny("llama", layers=2)
+    session = StreamSession(model, None, "memory", sinks=4, window=120, block=32, topk=4, ram_mb=1, chunk_size=500,
+                            store_dir=str(tmp_path))
+    cache = session.policy
+    ids = random_ids(50_000, seed=3)[0]
+    budget = 4 + 120 + 31 + 4 * 32
+    block_bytes = 2 * 2 * 2 * 32 * 16 * 4  # k+v, layers, kv heads, tokens, head dim, float32
+    ram_bound = 2**20 + (500 // 32 + 1) * block_bytes  # the cap is enforced when a step starts: + one chunk's blocks
+    seen = []
+    for start in range(0, 49_800, 5_000):
+        session.feed(ids[start : min(start + 5_000, 49_800)])
+        stats = cache.memory_stats()
+        assert stats["resident_tokens"] <= budget and stats["ram_bytes"] <= ram_bound
+        seen.append((cache.seen, cache.nbytes(), stats["disk_bytes"]))
+    for t in ids[49_800:].tolist():  # the decode path too
+        session.feed([t])
+        assert cache.memory_stats()["resident_tokens"] <= budget
+    assert len({b for _, b, _ in seen[1:]}) == 1  # resident bytes constant
+    per_token = [(d2 - d1) / (s2 - s1) for (s1, _, d1), (s2, _, d2) in zip(seen[1:], seen[2:])]
+    assert max(per_token) < 1.05 * min(per_token)  # disk grows linearly
+    assert cache.store.n_blocks == (50_000 - 4 - 120) // 32
+
+
+def test_policy_spec_with_strings():
+    from streamkv import parse_policy_spec
+
+    assert parse_policy_spec("memory:window=512,placement=fixed,store_dir=/tmp/x") == (
+        "memory", {"window": 512, "placement": "fixed", "store_dir": "/tmp/x"})
