@@ -58,8 +58,8 @@ class RopeSpec:
 
     def rotate(self, keys: torch.Tensor, delta: torch.Tensor | int) -> torch.Tensor:
         """Rotate `keys` [..., n, head_dim] by `delta` positions ([n] or a scalar). Returns a new tensor."""
-        if not torch.is_tensor(delta):
-            delta = torch.full((keys.shape[-2],), int(delta), dtype=torch.long)
+        if not torch.is_tensor(delta):  # one delta for every row: one cos/sin row, broadcast
+            delta = torch.tensor([int(delta)], dtype=torch.long)
         return self.apply(keys, *self.cos_sin(delta))
 
 

@@ -93,8 +93,8 @@ def parse_policies(values: list[str] | str | None, default: str = "sink") -> lis
 
 
 def policy_window(policy) -> int | None:
-    """Tokens a policy keeps between steps (None = unbounded)."""
-    return getattr(policy, "budget", None)
+    """Tokens a policy attends besides the new ones, at most (None = unbounded): kept + retrieved for memory."""
+    return getattr(policy, "max_resident", getattr(policy, "budget", None))
 
 
 def load_model(args):

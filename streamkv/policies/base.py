@@ -256,6 +256,11 @@ class StreamingCache(Cache):
         keep[-recent:] = True
         return keep
 
+    @property
+    def max_resident(self) -> int | None:
+        """The most tokens attended besides the new ones: kept tokens plus what `gap()` may bring in."""
+        return None if self.budget is None else self.budget + self.reserved
+
     def gap(self) -> int:
         """Positions to reserve between the pinned tokens and the window this step (see `memory.py`)."""
         return 0

@@ -32,7 +32,7 @@ import uuid
 
 import torch
 
-from ..attention import attend_parts
+from ..attention import attend_parts, received_attention
 from .base import StreamingCache
 from .blockstore import BlockStore
 
@@ -78,6 +78,10 @@ class MemoryCache(StreamingCache):
             keep[recent[: (recent.numel() - self.window) // self.block * self.block]] = False
         return keep
 
+    @property
+    def max_resident(self) -> int:
+        return self.budget + self.topk * self.block  # `reserved` counts positions; fixed placement stacks tokens on one
+
     def _n_retrieved(self) -> int:
         return min(self.topk, self.store.n_blocks)
 
@@ -93,10 +97,12 @@ class MemoryCache(StreamingCache):
     def attend(self, layer_idx, module, query, keys, values, scaling):
         plan, layer, rope = self._plan, self.layers[layer_idx], self.rope
         q, n = query.shape[2], keys.shape[2]
-        mask = None
-        if q > 1:  # the new tokens are the last q of the local keys (chunk path)
-            mask = torch.arange(n)[None, :] <= (n - q + torch.arange(q))[:, None]
-        parts = [(query, keys, values, mask)]
+        if q > 1:  # chunk path: the q new tokens are the last local keys, attended causally
+            parts = [(query, keys[:, :, : n - q], values[:, :, : n - q], False), (query, keys[:, :, n - q :], values[:, :, n - q :], True)]
+            if n == q:
+                parts = parts[1:]
+        else:  # decode: the new token sits somewhere in the view and sees all of it
+            parts = [(query, keys, values, False)]
         ids = []
         if plan.gap:
             ids = self._select(layer_idx, query, plan)
@@ -105,10 +111,10 @@ class MemoryCache(StreamingCache):
                 q_mem = rope.rotate(query, plan.gap - plan.window_start)
             else:  # every retrieved token at window_start - 1; its key at 0
                 q_mem = rope.rotate(query, 1 - plan.window_start)
-            parts.append((q_mem, mem_k, mem_v, None))
+            parts.append((q_mem, mem_k, mem_v, False))
         self.retrieved[layer_idx] = ids
-        out, received = attend_parts(query, parts, scaling)
-        layer.received_view += received[0]
+        out, lse = attend_parts(query, parts, scaling)
+        layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse)
         evicted_scores = layer.finish_step(plan)
         if layer.evicted is not None:
             self._store_evicted(layer_idx, layer.evicted, evicted_scores, plan)
