@@ -185,43 +185,64 @@ def demo_text(n_tokens_hint: int) -> str:
     return "\n".join(lines)
 
 
+DEMO_FACT = "Remember this: the secret code of the vault is {code}. The secret code of the vault is {code}."
+DEMO_QUESTION = "\nQuestion: what is the secret code of the vault? Answer: the secret code of the vault is"
+
+
 def cmd_demo(args) -> int:
+    """One fact at the start of a long stream, asked for at the end, through each policy in turn."""
+    import gc
+    import re
+
     from tqdm import tqdm
 
-    session, secs = load_session(args)
-    tok = session.tokenizer
-    ids = tok(demo_text(args.tokens), add_special_tokens=False).input_ids[: args.tokens]
-    cfg = session.model.config
-    print(f"Loaded {session.model.streamkv_name} in {secs:.1f}s. Streaming {len(ids):,} tokens "
-          f"(trained context: {cfg.max_position_embeddings:,}) through policy "
-          f"{session.policy.describe()} ...\n", flush=True)
-    print(f"{'tokens seen':>12} {'cached':>8} {'KV MiB':>8} {'dense KV MiB':>13} {'RSS MiB':>8} {'tok/s':>8} {'next pos':>9}")
-    from .models import kv_bytes_per_token
+    from .models import kv_bytes_per_token, load
+    from .policies import split_policy_list
+    from .session import StreamSession
 
-    step = args.report_every
-    t_start = time.perf_counter()
-    per_token = kv_bytes_per_token(session.model)
-    with tqdm(total=len(ids), unit="tok", file=sys.stderr, leave=False, disable=not sys.stderr.isatty()) as bar:
-        for start in range(0, len(ids), step):
-            t0 = time.perf_counter()
-            session.feed(ids[start : start + step])
-            dt = time.perf_counter() - t0
-            bar.update(min(step, len(ids) - start))
-            s = session.stats()
-            dense_mib = per_token * s["tokens_seen"] / 2**20  # what a dense cache would hold by now
-            tqdm.write(f"{s['tokens_seen']:>12,} {s['tokens_cached']:>8,} {s['cache_bytes'] / 2**20:>8.1f} {dense_mib:>13.1f} "
-                       f"{_rss_mb():>8.0f} {min(step, len(ids) - start) / dt:>8.0f} {str(s['next_position']):>9}")
-    print(f"\nFed {len(ids):,} tokens in {time.perf_counter() - t_start:.0f}s. The same stream continues as a chat "
-          f"turn at token {len(ids):,} (greedy, {args.max_new_tokens} tokens at most):\n", flush=True)
-    print(f"you> {args.question}\nbot> ", end="", flush=True)
     t0 = time.perf_counter()
-    seen = session.stats()["tokens_seen"]
-    for piece in session.chat(args.question, max_new_tokens=args.max_new_tokens):
-        print(piece, end="", flush=True)
-    n = max(1, session.last_usage["completion_tokens"])
-    dt = time.perf_counter() - t0
-    print(f"\n\n{status_line(session)}  turn {dt:.1f}s for {session.stats()['tokens_seen'] - seen} tokens "
-          f"({n} generated)")
+    model, tok = load(args.model, dtype=args.dtype, threads=args.threads)
+    code = "48213"
+    fact = tok(DEMO_FACT.format(code=code) + "\n", add_special_tokens=False).input_ids
+    ids = fact + tok(demo_text(args.tokens), add_special_tokens=False).input_ids[: max(0, args.tokens - len(fact))]
+    question = tok(DEMO_QUESTION, add_special_tokens=False).input_ids
+    per_token = kv_bytes_per_token(model)
+    print(f"Loaded {model.streamkv_name} in {time.perf_counter() - t0:.1f}s (trained context "
+          f"{model.config.max_position_embeddings:,} tokens). The stream: one fact, \"{DEMO_FACT.format(code=code)}\", then "
+          f"{len(ids) - len(fact):,} tokens of log entries, then the question. A dense cache would need "
+          f"{per_token * len(ids) / 2**20:,.0f} MiB of KV for it.\n", flush=True)
+    summary = []
+    for spec in split_policy_list(args.policy):
+        args.policy = spec
+        session = StreamSession(model, tok, policy_from_args(args, model), chunk_size=args.chunk_size)
+        print(f"policy {session.policy.describe()}")
+        print(f"{'tokens seen':>12} {'attended':>9} {'KV MiB':>8} {'store RAM':>10} {'store disk':>11} {'RSS MiB':>8} {'tok/s':>7}")
+        start_t = time.perf_counter()
+        with tqdm(total=len(ids), unit="tok", file=sys.stderr, leave=False, disable=not sys.stderr.isatty()) as bar:
+            for start in range(0, len(ids), args.report_every):
+                t1 = time.perf_counter()
+                piece = ids[start : start + args.report_every]
+                session.feed(piece)
+                bar.update(len(piece))
+                st = session.stats()
+                resident = st.get("resident_tokens", st["tokens_cached"])
+                ram = f"{st['ram_bytes'] / 2**20:.0f} MiB" if "ram_bytes" in st else "-"
+                disk = f"{st['disk_bytes'] / 2**20:.0f} MiB" if "disk_bytes" in st else "-"
+                tqdm.write(f"{st['tokens_seen']:>12,} {resident:>9,} {st['cache_bytes'] / 2**20:>8.1f} {ram:>10} {disk:>11} "
+                           f"{_rss_mb():>8.0f} {len(piece) / (time.perf_counter() - t1):>7.0f}")
+        session.feed(question)
+        reply = "".join(session.generate(max_new_tokens=args.max_new_tokens, stop=["\n"]))
+        found = re.search(r"\d+", reply)
+        ok = bool(found and found.group(0) == code)
+        print(f"Q: what is the secret code of the vault?  ({len(ids):,} tokens after the fact)\n"
+              f"A: {reply.strip()!r}  -> {'remembered' if ok else 'forgotten'}  [{time.perf_counter() - start_t:.0f}s]\n", flush=True)
+        st = session.stats()
+        summary.append((session.policy.name, ok, st["cache_bytes"], st.get("disk_bytes", 0), _rss_mb()))
+        del session
+        gc.collect()
+    print(f"{'policy':<10} {'fact':<11} {'KV MiB':>8} {'store disk MiB':>15} {'RSS MiB':>8}")
+    for name, ok, kv, disk, rss in summary:
+        print(f"{name:<10} {'remembered' if ok else 'forgotten':<11} {kv / 2**20:>8.1f} {disk / 2**20:>15.0f} {rss:>8.0f}")
     return 0
 
 
@@ -254,16 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p); add_policy_args(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="stream far past the model's context and watch memory stay flat",
-                       description="Feed a long generated text (default 20,000 tokens, well past SmolLM2's 8,192) through the cache "
-                                   "policy, printing tokens seen, tokens cached, KV bytes and process RSS as it goes, then "
-                                   "ask the model a question in the same stream.")
+    p = sub.add_parser("demo", help="stream far past the model's context: sink forgets an early fact, memory recalls it",
+                       description="Plant one fact, then stream a long generated text (default 20,000 tokens, well past SmolLM2's "
+                                   "8,192), then ask for the fact, once per policy (default: sink, then memory). Prints tokens seen, "
+                                   "tokens attended, KV bytes, the memory store's RAM/disk and process RSS as it goes.")
     add_model_args(p); add_policy_args(p)
+    p.set_defaults(policy="sink,memory")
     p.add_argument("--tokens", type=int, default=20000, help="tokens to stream (default 20000)")
     p.add_argument("--report-every", type=int, default=2048, help="print a line every N tokens (default 2048)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="reply length at the end (default 48)")
-    p.add_argument("--question", default="In one sentence, what is this log about?",
-                   help="chat turn asked at the end of the stream")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length at the end (default 8)")
     p.set_defaults(func=cmd_demo)
 
     for module in ("streamkv.evaluation.commands", "streamkv.server.commands"):

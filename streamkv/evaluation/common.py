@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..policies import POLICIES, make_policy, parse_policy_spec, policy_params
+from ..policies import POLICIES, make_policy, parse_policy_spec, policy_params, split_policy_list  # noqa: F401 (re-exported)
 
 
 class EvalError(ValueError):
@@ -44,22 +44,6 @@ class PolicySpec:
         return {**{k: v for k, v in policy_params(self.name).items()}, **self.params}
 
 
-def split_policy_list(text: str) -> list[str]:
-    """'sink:sinks=4,window=1020,window,dense' -> ['sink:sinks=4,window=1020', 'window', 'dense'].
-    An item with '=' but no ':' continues the parameters of the previous policy."""
-    specs: list[str] = []
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
-        if "=" in item and ":" not in item:
-            if not specs or ":" not in specs[-1]:
-                raise EvalError(f"policy parameter {item!r} in {text!r} does not follow a 'name:key=value' policy")
-            specs[-1] += "," + item
-        else:
-            specs.append(item)
-    return specs
-
-
 def parse_policies(values: list[str] | str | None, default: str = "sink") -> list[PolicySpec]:
     """Parse one or more --policy values (each may list several policies) and check names/parameters."""
     if values is None:
@@ -68,7 +52,11 @@ def parse_policies(values: list[str] | str | None, default: str = "sink") -> lis
         values = [values]
     out: list[PolicySpec] = []
     for value in values:
-        for spec in split_policy_list(value):
+        try:
+            specs = split_policy_list(value)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+        for spec in specs:
             try:
                 name, params = parse_policy_spec(spec)
             except ValueError as e:

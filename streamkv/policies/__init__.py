@@ -43,6 +43,22 @@ def make_policy(name: str, model, **params):
 _STRING_PARAMS = {"placement", "store_dir"}
 
 
+def split_policy_list(text: str) -> list[str]:
+    """'sink:sinks=4,window=1020,window,dense' -> ['sink:sinks=4,window=1020', 'window', 'dense'].
+    An item with '=' but no ':' continues the parameters of the previous policy."""
+    specs: list[str] = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item:
+            if not specs or ":" not in specs[-1]:
+                raise ValueError(f"policy parameter {item!r} in {text!r} does not follow a 'name:key=value' policy")
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs
+
+
 def parse_policy_spec(spec: str) -> tuple[str, dict]:
     """'sink:sinks=4,window=1020' -> ('sink', {'sinks': 4, 'window': 1020}). Values are integers, except for
     the parameters a policy declares as strings (`memory`: placement, store_dir)."""
@@ -64,4 +80,4 @@ def parse_policy_spec(spec: str) -> tuple[str, dict]:
 
 
 __all__ = ["POLICIES", "StreamingCache", "DenseCache", "MemoryCache", "WindowCache", "SinkCache", "Recompute", "make_policy",
-           "parse_policy_spec", "policy_params"]
+           "parse_policy_spec", "policy_params", "split_policy_list"]

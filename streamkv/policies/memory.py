@@ -10,7 +10,10 @@ How a step works (see `attend`):
    tokens (`keep_mask`); the evicted keys/values of every layer go to the store as one block.
 2. Each block gets `reps` representative keys per KV head: the tokens that received the most attention
    while they were in the window (InfLLM's rule), observed in this very attention function. The index of
-   representatives (rotated to position 0) always stays resident.
+   representatives (rotated to position 0, float16: it only ranks blocks) always stays resident, so it is
+   the one thing that grows in RAM with the stream: 2 * layers * kv_heads * head_dim * reps / block bytes
+   per token (SmolLM2-135M with the defaults: 360 B per token, 360 MB per million tokens). The default
+   density, 2 per 64-token block, is InfLLM's (4 per 128).
 3. At every step (each prefill chunk, each decoded token) every layer scores the blocks with its current
    queries (mean query of the chunk, per query head, max over a block's representatives, summed over heads:
    one choice shared by the heads of a layer, as InfLLM) and takes the top K, in stream order.
@@ -49,7 +52,7 @@ class MemoryCache(StreamingCache):
     observe = True
     keeps_evicted = True
 
-    def __init__(self, model, sinks: int = 4, window: int = 768, block: int = 64, topk: int = 16, reps: int = 4,
+    def __init__(self, model, sinks: int = 4, window: int = 768, block: int = 64, topk: int = 16, reps: int = 2,
                  ram_mb: int = 256, store_dir: str | None = None, placement: str = "contiguous"):
         for n, v in (("window", window), ("block", block), ("topk", topk), ("reps", reps)):
             _positive(n, v)
@@ -162,7 +165,7 @@ class MemoryCache(StreamingCache):
             k, v, pos = keys[:, j : j + B], values[:, j : j + B], plan.evict_pos[j : j + B]
             top = scores[:, j : j + B].topk(self.reps, dim=1).indices  # [H, r]: most attended while in the window
             rep = torch.gather(k, 1, top[..., None].expand(h, self.reps, d))  # [H, r, D]
-            rep = self.rope.rotate(rep.reshape(h * self.reps, d), -pos[top.reshape(-1)]).view(1, h, self.reps, d)
+            rep = self.rope.rotate(rep.reshape(h * self.reps, d), -pos[top.reshape(-1)]).view(1, h, self.reps, d).half()
             self._index_append(layer_idx, block_id, rep)
             self.store.add_layer(block_id, layer_idx, self.n_layers, k.clone(), v.clone(), pos)
 
