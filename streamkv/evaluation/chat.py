@@ -6,6 +6,10 @@ by every user turn and every reply, far past the cache budget, while the cache a
 stay flat. Per turn we record: time to first token, decode ms per token, total seconds, tokens seen and
 cached, KV-cache bytes, process RSS, the reply and its finish reason (one JSONL record per turn), and a
 summary JSON with the memory-flatness figures.
+
+The recall check (on by default): a first turn states a fact ("My locker code is 48213. ...") and a last
+turn, after every question, asks for it. A policy that forgets what left its window cannot answer; the
+summary records the reply, whether its first number is the code, and how many tokens lay in between.
 """
 from __future__ import annotations
 
@@ -18,6 +22,10 @@ from tqdm import tqdm
 
 from ..session import StreamSession
 from .common import EvalError, header, load_model, parse_policies, policy_window, rss_bytes, write_json
+
+RECALL_CODE = "48213"
+RECALL_FACT = f"My locker code is {RECALL_CODE}. Please remember it, I will ask you for it later."
+RECALL_QUESTION = "What is my locker code? Answer with the number only."
 
 
 def load_questions(path: str, limit: int = 0) -> list[dict]:
@@ -94,6 +102,11 @@ def run(args) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     rows, errors = [], []
     n_turns = sum(len(q["turns"]) for q in questions)
+    recall = {}
+    if getattr(args, "recall", True):
+        questions = [{"question_id": "recall-fact", "category": "recall", "turns": [RECALL_FACT]}, *questions,
+                     {"question_id": "recall-question", "category": "recall", "turns": [RECALL_QUESTION]}]
+        n_turns += 2
     t0 = time.perf_counter()
     with out.open("w", encoding="utf-8") as f:
         bar = tqdm(total=n_turns, desc=f"chat {spec.label}", unit="turn", file=sys.stderr, disable=args.quiet,
@@ -107,10 +120,19 @@ def run(args) -> int:
                     rec.update(error=f"{type(e).__name__}: {e}")
                     errors.append(rec)
                 rows.append(rec)
+                if q["question_id"] == "recall-fact":
+                    recall["tokens_seen_after_fact"] = session.policy.seen
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()
                 bar.update(1)
         bar.close()
+    if recall and "reply" in rows[-1]:
+        import re
+
+        found = re.search(r"\d+", rows[-1]["reply"])
+        recall.update(fact=RECALL_FACT, question=RECALL_QUESTION, answer=rows[-1]["reply"],
+                      correct=bool(found and found.group(0) == RECALL_CODE),
+                      tokens_between=rows[-1]["tokens_seen"] - rows[-1]["turn_tokens"] - recall["tokens_seen_after_fact"])
     ok = [r for r in rows if "error" not in r]
     budget = policy_window(policy)
     summary = {
@@ -126,6 +148,7 @@ def run(args) -> int:
         "chunk_size": args.chunk_size,
         "seconds": round(time.perf_counter() - t0, 1),
         "records": str(out),
+        "recall": recall or None,
     }
     if ok:
         full = [r for r in ok if budget is None or r["tokens_seen"] > budget]  # turns after the cache filled
@@ -150,8 +173,9 @@ def run(args) -> int:
         plot_chat(ok, plot_path, title=f"Streaming chat, {summary['model']}, {spec.label}: {len(rows)} turns in one session")
         summary["plot"] = plot_path
     write_json(summary_path, summary)
-    print(f"{len(rows)} turns, {len(errors)} errors, {summary.get('tokens_seen')} tokens streamed; wrote {out} and "
-          f"{summary_path}", file=sys.stderr)
+    print(f"{len(rows)} turns, {len(errors)} errors, {summary.get('tokens_seen')} tokens streamed"
+          + (f"; recall after {recall['tokens_between']:,} tokens: {'correct' if recall['correct'] else 'wrong'} ({recall['answer']!r})"
+             if recall.get("answer") is not None else "") + f"; wrote {out} and {summary_path}", file=sys.stderr)
     return 1 if errors else 0
 
 

@@ -163,6 +163,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="chat.jsonl", help="per-turn records (JSONL)")
     p.add_argument("--summary", default=None, help="summary JSON (default: OUT with .summary.json)")
     p.add_argument("--plot", default=None, help="PNG of cache/memory/latency per turn (default: OUT with .png; '' = none)")
+    p.add_argument("--no-recall", dest="recall", action="store_false",
+                   help="skip the recall check (by default a fact is stated in a first turn and asked for after the last)")
     _model_args(p)
     p.set_defaults(func=_runner("chat"), command_name="eval chat")
 
