@@ -59,6 +59,30 @@ def split_policy_list(text: str) -> list[str]:
     return specs
 
 
+def max_resident_tokens(name: str, params: dict) -> int | None:
+    """Upper bound on the tokens whose keys/values one policy holds in memory at once (buffer slots plus
+    pristine sink copies, counted as whole tokens), from its parameters alone: a server prices a session
+    with it before building anything. None = unbounded (`dense`). Raises ValueError for unknown names or
+    parameters and for non-integer values."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
+    defaults = policy_params(name)
+    unknown = set(params) - set(defaults)
+    if unknown:
+        raise ValueError(f"policy {name!r} takes {', '.join(defaults) or 'no parameters'}; got unknown "
+                         f"{', '.join(sorted(unknown))}")
+    p = {**defaults, **params}
+    if any(not isinstance(v, int) or isinstance(v, bool) for k, v in p.items() if k not in _STRING_PARAMS):
+        raise ValueError(f"policy {name!r} parameters must be integers, got {params}")
+    if name == "dense":
+        return None
+    if name == "sink":
+        return p["window"] + 2 * p["sinks"] + 1  # budget + the step's extra slot + pristine sink keys
+    if name == "memory":  # slot table (sinks + W..W+B-1 + 1) + pristine sinks + K fetched blocks per layer
+        return 2 * p["sinks"] + p["window"] + p["block"] + p["topk"] * p["block"]
+    return p["window"] + 1  # window: budget + 1 slot; recompute: the window re-encoded at every step
+
+
 def parse_policy_spec(spec: str) -> tuple[str, dict]:
     """'sink:sinks=4,window=1020' -> ('sink', {'sinks': 4, 'window': 1020}). Values are integers, except for
     the parameters a policy declares as strings (`memory`: placement, store_dir)."""

@@ -7,89 +7,126 @@ Without one, a request is stateless: its full message history runs in a throwawa
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import psutil
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .admission import resolve_budgets
+from .config import ServerConfig  # noqa: F401 - re-exported: `from streamkv.server.app import ServerConfig`
+from .errors import (BadRequest, Conflict, NotFound, ServerError, TooLarge, Unauthorized, Unavailable,
+                     UnsupportedMediaType, error_body, error_json, error_response)
 from .schemas import ChatRequest, CompletionRequest, SessionCreate, parse_body
-from .sessions import (BadRequest, Busy, Conflict, Lease, NotFound, ServerError, SessionManager, Turn, Unauthorized,
-                       parse_policy)
+from .sessions import Lease, SessionManager, Turn, parse_policy
 from .store import Store
 
 log = logging.getLogger("streamkv.server")
 
-
-@dataclass
-class ServerConfig:
-    model: str | None = None
-    model_name: str = "embedded"  # the id clients pass as `model` and /v1/models lists
-    dtype: str = "float32"
-    threads: int = 2
-    data_dir: str = "streamkv-data"
-    api_keys: list[str] = field(default_factory=list)
-    policy: str = "sink:sinks=4,window=1020"
-    max_resident: int = 16
-    max_cache_bytes: int | None = None
-    max_waiters: int = 8
-    max_body_bytes: int = 1 << 20
-    max_tokens_cap: int = 4096
-    default_max_tokens: int = 256
-    max_input_tokens: int = 32768
-    default_temperature: float = 0.0
-    workers: int = 1
-    chunk_size: int = 512
-    shutdown_timeout: float = 30.0
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+MAX_STOP_CHARS = 256  # stop strings are searched at every token: keep that cheap
 
 
 def key_owner(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+def allowed_hosts(cfg: ServerConfig) -> set[str]:
+    """Host header values (without port) the server answers to. A loopback server answers only to loopback
+    names: a web page that rebinds its own DNS name to 127.0.0.1 still sends its own name and is refused."""
+    if cfg.allowed_hosts:
+        return {h.lower().strip("[]") for h in cfg.allowed_hosts}
+    if cfg.host in LOOPBACK_NAMES:
+        return set(LOOPBACK_NAMES)
+    if cfg.host in ("0.0.0.0", "::", ""):
+        return {"*"}  # bound everywhere (an API key is required then): any name may reach it
+    return {cfg.host.lower().strip("[]")}
 
 
-def error_response(e: ServerError) -> JSONResponse:
-    headers = {"Retry-After": str(e.retry_after)} if isinstance(e, Busy) else None
-    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=headers)
+def host_of(value: str) -> str:
+    value = value.strip().lower()
+    if value.startswith("["):  # [::1]:8000
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
-class BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes with 413 (by Content-Length, or while reading a
-    chunked body) before the app buffers them."""
+class Guard:
+    """Pure ASGI middleware in front of every route (before routing, before any body is buffered):
+    request ids and the access log; the Host check (DNS rebinding); JSON content type on POST (a browser
+    page can only send form or text/plain bodies without a CORS preflight, so this stops cross-site POSTs);
+    the body size limit (413, by Content-Length or while reading a chunked body). Being plain ASGI, it
+    passes the client's `http.disconnect` through to the routes, which cancel their turn on it."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, cfg: ServerConfig):
+        self.app, self.limit, self.hosts = app, cfg.max_body_bytes, allowed_hosts(cfg)
+
+    def _check(self, scope, headers: dict) -> ServerError | None:
+        host = host_of(headers.get(b"host", b"").decode("latin-1"))
+        if "*" not in self.hosts and host not in self.hosts:
+            return BadRequest(f"this server does not answer to host {host!r} (allowed: {', '.join(sorted(self.hosts))};"
+                              " see --allowed-host)", code="invalid_host")
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return UnsupportedMediaType(f"request body must be sent as Content-Type: application/json, got "
+                                            f"{ctype or 'none'!r}")
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.limit):
+                return TooLarge(f"request body exceeds {self.limit} bytes")
+        return None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._refuse(scope, send)
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = rid if REQUEST_ID_RE.match(rid) else uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["rid"] = rid
+        status, t0 = [0], time.perf_counter()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+        try:
+            err = self._check(scope, headers)
+            if err is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                receive, err = await self._buffer(receive)
+            if err is not None:
+                await error_response(err)(scope, receive, send_with_id)
+            elif receive is not None:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            log.info("request", extra={"request_id": rid, "method": scope["method"], "path": scope["path"],
+                                       "status": status[0], "ms": round((time.perf_counter() - t0) * 1e3, 1),
+                                       "session_id": scope["state"].get("session_id")})
+
+    async def _buffer(self, receive):
+        """Read the whole body (refusing it past the limit) and hand the app a receive that replays it."""
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None, None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                return await self._refuse(scope, send)
+                return receive, TooLarge(f"request body exceeds {self.limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
@@ -101,42 +138,49 @@ class BodyLimit:
                 replayed = True
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
             return await receive()
-        return await self.app(scope, replay, send)
+        return replay, None
 
-    async def _refuse(self, scope, send):
-        body = json.dumps(error_body(f"request body exceeds {self.limit} bytes", "invalid_request_error",
-                                     None, "request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-        log.info("request", extra={"method": scope["method"], "path": scope["path"], "status": 413})
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
-    """Build the app. The model is loaded here unless given (tests of the app object may pass one)."""
+    """Build the app (the FastAPI object; `serve` wraps it in `Guard`). The store is opened first, so a
+    damaged database stops start-up with `StoreError` before the model is loaded; the model is loaded here
+    unless given; budgets left unset are derived from this machine."""
+    store = Store(cfg.data_dir)
     if model is None:
         from ..models import load
         model, tokenizer = load(cfg.model, dtype=cfg.dtype, threads=cfg.threads)
+    resolve_budgets(cfg)
+    if "dense" in cfg.allowed_policies:
+        raise ValueError("the dense policy cannot be served: its memory grows without bound")
     keys = {key_owner(k): k for k in cfg.api_keys}
     started = time.time()
     state: dict = {}
+    # fail now, with the reason, if the server's own default policy does not fit its own budgets
+    SessionManager(model, tokenizer, store, cfg, compute=None, io=None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         compute = ThreadPoolExecutor(cfg.workers, thread_name_prefix="streamkv-compute")
         io = ThreadPoolExecutor(2, thread_name_prefix="streamkv-io")
-        store = Store(cfg.data_dir)
         swept = store.sweep_orphans()
-        manager = SessionManager(model, tokenizer, store, model_name=cfg.model_name,
-                                 default_policy=parse_policy(cfg.policy, None), compute=compute, io=io,
-                                 max_resident=cfg.max_resident, max_cache_bytes=cfg.max_cache_bytes,
-                                 max_waiters=cfg.max_waiters, chunk_size=cfg.chunk_size)
-        state.update(manager=manager, store=store)
+        damaged = store.damaged_snapshots()
+        for sid, reason in damaged:
+            log.warning("snapshot damaged: the session will be rebuilt from its turn log on first use",
+                        extra={"session_id": sid, "reason": reason})
+        manager = SessionManager(model, tokenizer, store, cfg, compute=compute, io=io)
+        state.update(manager=manager, store=store, loop=asyncio.get_running_loop())
         log.info("server ready", extra={"model": cfg.model_name, "data_dir": str(cfg.data_dir),
                                         "sessions": store.count_sessions(), "orphans_removed": swept,
-                                        "policy": cfg.policy, "max_resident": cfg.max_resident,
-                                        "max_cache_bytes": cfg.max_cache_bytes})
+                                        "damaged_snapshots": len(damaged), "policy": cfg.policy,
+                                        "allowed_policies": list(cfg.allowed_policies),
+                                        "max_resident": cfg.max_resident, "max_cache_bytes": cfg.max_cache_bytes,
+                                        "max_session_bytes": cfg.max_session_bytes})
         try:
             yield
         finally:
@@ -146,7 +190,22 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
             store.close()
             log.info("shutdown complete", extra=report)
 
-    app = FastAPI(title="streamkv", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="streamkv", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+
+    def on_signal() -> None:
+        """Called from the signal handler (SIGTERM/SIGINT): start cancelling turns now, not after uvicorn
+        has waited for every request to finish on its own."""
+        loop, m = state.get("loop"), state.get("manager")
+        if loop is not None and m is not None:
+            loop.call_soon_threadsafe(m.begin_shutdown, cfg.shutdown_timeout)
+    app.state.on_signal = on_signal
+
+    if cfg.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "X-Session-Id", "X-Request-Id"],
+                           expose_headers=["X-Session-Id", "X-Request-Id"])
 
     # ---- errors: everything in OpenAI's format ------------------------------------------------------
     @app.exception_handler(ServerError)
@@ -169,23 +228,6 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
     async def _unexpected(request: Request, e: Exception):
         log.exception("unhandled error", extra={"path": request.url.path})
         return JSONResponse(error_body("internal server error", "server_error", None, "internal_error"), status_code=500)
-
-    # ---- request log + auth ---------------------------------------------------------------------------
-    @app.middleware("http")
-    async def access_log(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        t0 = time.perf_counter()
-        request.state.rid = rid
-        try:
-            response = await call_next(request)
-        except Exception:
-            log.exception("request failed", extra={"request_id": rid})
-            response = JSONResponse(error_body("internal server error", "server_error", None, "internal_error"), 500)
-        response.headers["x-request-id"] = rid
-        log.info("request", extra={"request_id": rid, "method": request.method, "path": request.url.path,
-                                   "status": response.status_code, "ms": round((time.perf_counter() - t0) * 1e3, 1),
-                                   "session_id": getattr(request.state, "session_id", None)})
-        return response
 
     def owner_of(request: Request) -> str:
         """The caller's identity: the hash of its API key ('' when the server requires none)."""
@@ -218,6 +260,7 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
             "resident_bytes_estimate": m.resident_bytes(),
             "max_resident_sessions": cfg.max_resident,
             "max_cache_bytes": cfg.max_cache_bytes,
+            "max_session_bytes": cfg.max_session_bytes,
             "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
             "counters": m.stats,
         }
@@ -242,19 +285,25 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
         if req.model != cfg.model_name:
             raise NotFound(f"the model {req.model!r} does not exist; this server serves {cfg.model_name!r}",
                            param="model", code="model_not_found")
-        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
-        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        mct = getattr(req, "max_completion_tokens", None)
+        max_tokens, param = (mct, "max_completion_tokens") if mct is not None else (req.max_tokens, "max_tokens")
         if max_tokens is None:
             max_tokens = min(cfg.default_max_tokens, cfg.max_tokens_cap)
         elif not 1 <= max_tokens <= cfg.max_tokens_cap:
             raise BadRequest(f"{param} must be between 1 and {cfg.max_tokens_cap}, got {max_tokens}", param=param,
                              code="invalid_value")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise BadRequest("stop must be up to 4 non-empty strings", param="stop", code="invalid_value")
+        if len(stop) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+            raise BadRequest(f"stop must be up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters",
+                             param="stop", code="invalid_value")
+        temperature = cfg.default_temperature if req.temperature is None else req.temperature
+        if 0 < temperature < cfg.min_temperature:
+            raise BadRequest(f"temperature must be 0 (greedy) or at least {cfg.min_temperature}, got {temperature}",
+                             param="temperature", code="invalid_value")
+        if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
+            raise BadRequest("seed must be a 64-bit integer", param="seed", code="invalid_value")
         return {"max_new_tokens": max_tokens, "stop": stop, "seed": req.seed, "top_k": req.top_k or 0,
-                "temperature": cfg.default_temperature if req.temperature is None else req.temperature,
-                "top_p": 1.0 if req.top_p is None else req.top_p}
+                "temperature": temperature, "top_p": 1.0 if req.top_p is None else req.top_p}
 
     def session_id_of(request: Request, req) -> str | None:
         sid = req.session_id or request.headers.get("x-session-id")
@@ -273,6 +322,7 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
         m = manager()
         if sid is None:
             return await m.acquire_ephemeral(m.default_policy)
+        await m.check_disk(await m.get_meta(sid, owner))
         lease = await m.acquire(sid, owner)
         if lease.session.kind not in (None, kind):
             lease.release()
@@ -282,8 +332,9 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
         return lease
 
     def respond(request: Request, turn: Turn, stream: bool, include_usage: bool, make_chunk, make_final):
-        """Non-streaming: wait for the turn (acknowledged = committed) and answer once. Streaming: SSE chunks
-        as pieces come; the final chunk and [DONE] only after the commit."""
+        """Non-streaming: wait for the turn (acknowledged = committed) and answer once; a client that
+        disconnects first cancels it. Streaming: SSE chunks as pieces come; the final chunk and [DONE] only
+        after the commit. Either way, an unacknowledged turn is rolled back."""
         headers = {"X-Session-Id": turn.lease.sid} if turn.lease.sid else {}
         if not stream:
             async def collect():
@@ -293,9 +344,25 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
                         pieces.append(value)
                     elif kind == "error":
                         raise as_server_error(value)
+                    elif kind == "cancelled":
+                        raise Unavailable(f"the turn was cancelled and rolled back: {value}")
                     elif kind == "done":
-                        return make_final("".join(pieces), value)
-            return collect(), headers
+                        return JSONResponse(make_final("".join(pieces), value), headers=headers)
+
+            async def answer():
+                result, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(client_gone(request))
+                try:
+                    await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    gone.cancel()
+                if result.done():
+                    return result.result()
+                turn.cancel("the client went away")  # stops after the current step, then rolls back
+                await asyncio.wait({result})  # (the lease is free again when this returns)
+                if not result.cancelled():
+                    result.exception()  # retrieved: the client is gone, nobody reads it
+                return Response(status_code=499)  # nginx's "client closed request": for the access log only
+            return answer()
 
         async def sse():
             finished = False
@@ -311,16 +378,19 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
                         yield f"data: {json.dumps(make_chunk('', finish_reason))}\n\n"
                         if include_usage:
                             yield f"data: {json.dumps(make_chunk(None, None, usage))}\n\n"
-                    elif kind == "error":
-                        e = as_server_error(value)
-                        yield f"data: {json.dumps(error_body(e.message, e.type, e.param, e.code))}\n\n"
+                    elif kind in ("error", "cancelled"):
+                        e = as_server_error(value) if kind == "error" else Unavailable(
+                            f"the turn was cancelled and rolled back: {value}")
+                        yield f"data: {json.dumps(error_json(e))}\n\n"
+                        finished = True
+                        return  # no [DONE]: the turn did not complete
                 finished = True
                 yield "data: [DONE]\n\n"
             finally:
                 if not finished:  # the client went away: stop generating, the turn is not acknowledged
-                    turn.cancelled = True
+                    turn.cancel("the client went away")
         return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache"}), headers
+                                 headers={**headers, "Cache-Control": "no-cache"})
 
     # ---- chat completions ----------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -403,10 +473,8 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
                     "usage": u, **extra}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        result, headers = respond(request, turn, req.stream, include_usage, chunk, final)
-        if req.stream:
-            return result
-        return JSONResponse(await result, headers=headers)
+        response = respond(request, turn, req.stream, include_usage, chunk, final)
+        return response if req.stream else await response
 
     # ---- completions ------------------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -471,17 +539,15 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
                     "usage": u, **extra}
 
-        result, headers = respond(request, turn, req.stream, include_usage, chunk, final)
-        if req.stream:
-            return result
-        return JSONResponse(await result, headers=headers)
+        response = respond(request, turn, req.stream, include_usage, chunk, final)
+        return response if req.stream else await response
 
     # ---- sessions -----------------------------------------------------------------------------------
     def session_object(meta: dict) -> dict:
         return {"id": meta["id"], "object": "session", "created": meta["created"], "updated": meta["updated"],
                 "model": meta["model"], "policy": {"name": meta["policy"]["name"], **meta["policy"]["params"]},
                 "kind": meta["kind"], "tokens_seen": meta["tokens_seen"], "turns": meta["n_turns"],
-                "metadata": meta["metadata"]}
+                "disk_bytes": meta["snapshot_bytes"] + meta["log_bytes"], "metadata": meta["metadata"]}
 
     @app.post("/v1/sessions")
     async def create_session(request: Request):
@@ -494,6 +560,10 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
             raise BadRequest("system is empty", param="system", code="invalid_value")
         if req.system:
             await count_tokens(req.system, "system")
+        size = len(json.dumps(req.metadata).encode())
+        if size > cfg.max_metadata_bytes:
+            raise BadRequest(f"metadata is {size} bytes as JSON; this server accepts at most {cfg.max_metadata_bytes}",
+                             param="metadata", code="invalid_value")
         meta = await m.create(owner, policy, req.metadata, req.system)
         request.state.session_id = meta["id"]
         log.info("session created", extra={"session_id": meta["id"], "policy": meta["policy"]})

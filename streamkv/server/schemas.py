@@ -10,7 +10,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .sessions import BadRequest
+from .errors import BadRequest
 
 
 class _Strict(BaseModel):

@@ -26,9 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator
 
 
-from ..policies import make_policy, parse_policy_spec
+import torch
+
+from ..policies import parse_policy_spec
 from ..session import StreamSession
-from .store import Store
+from .admission import Price, check_policy, price
+from .config import ServerConfig
+from .errors import (BadRequest, Busy, Conflict, NotFound, QuotaExceeded, ServerError, Unauthorized,  # noqa: F401
+                     Unavailable)
+from .store import SnapshotError, Store
 
 log = logging.getLogger("streamkv.server")
 
@@ -47,55 +53,62 @@ def trim_memory() -> None:
 
 
 SESSION_ID_RE = re.compile(r"^sess_[A-Za-z0-9_-]{32}$")
-ALLOWED_POLICIES = ("sink", "window", "recompute")  # bounded memory; `dense` grows without limit
-
-
-class ServerError(Exception):
-    status = 500
-    type = "server_error"
-    code: str | None = None
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message, self.param = message, param
-        if code:
-            self.code = code
-
-
-class BadRequest(ServerError):
-    status, type, code = 400, "invalid_request_error", None
-
-
-class Unauthorized(ServerError):
-    status, type, code = 401, "invalid_request_error", "invalid_api_key"
-
-
-class NotFound(ServerError):
-    status, type, code = 404, "invalid_request_error", "not_found"
-
-
-class Conflict(ServerError):
-    status, type, code = 409, "invalid_request_error", "conflict"
-
-
-class Busy(ServerError):
-    status, type, code = 429, "rate_limit_error", "server_busy"
-
-    def __init__(self, message: str, retry_after: int = 1):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class Unavailable(ServerError):
-    status, type, code = 503, "server_error", "shutting_down"
 
 
 class ServerSession(StreamSession):
     """A StreamSession that remembers where the last generation started/ended in the stream (for usage
-    counts) and what kind of stream it is ('chat' turns or raw 'text' completions: they do not mix)."""
+    counts), what kind of stream it is ('chat' turns or raw 'text' completions: they do not mix), and every
+    forward it ran since the last commit (the turn log record: token ids and forward lengths, so a replay
+    feeds exactly the same chunks and reproduces the logits bit for bit)."""
 
     kind: str | None = None
     gen_start = gen_end = 0
+    recording = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._log_ids: list[int] = []
+        self._log_runs: list[list[int]] = []  # [[forward length, count], ...]
+        self._logged_messages = 0  # messages already in the committed log
+
+    def _forward(self, chunk: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        if self.recording:
+            n = chunk.shape[1]
+            self._log_ids.extend(chunk[0].tolist())
+            if self._log_runs and self._log_runs[-1][0] == n:
+                self._log_runs[-1][1] += 1
+            else:
+                self._log_runs.append([n, 1])
+        return super()._forward(chunk, all_logits)
+
+    def take_record(self) -> dict:
+        """The turn log record of everything since the last one (called at commit)."""
+        record = {"runs": self._log_runs, "ids": self._log_ids,
+                  "after": {"messages": self.messages[self._logged_messages:], "messages_fed": self._n_fed,
+                            "prompt_tokens": self._prompt_tokens, "kind": self.kind}}
+        self._log_ids, self._log_runs, self._logged_messages = [], [], len(self.messages)
+        return record
+
+    def mark_committed(self) -> None:
+        """After loading a snapshot or replaying the log: the in-memory state is what the log holds."""
+        self._log_ids, self._log_runs, self._logged_messages = [], [], len(self.messages)
+
+    def replay(self, records: list[dict]) -> None:
+        """Rebuild the stream from the turn log: the same ids through the same forward lengths."""
+        self.recording, chunk_size = False, self.chunk_size
+        try:
+            for rec in records:
+                ids, off = rec["ids"], 0
+                for length, count in rec["runs"]:
+                    self.chunk_size = length
+                    self.feed(ids[off:off + length * count])
+                    off += length * count
+                after = rec["after"]
+                self.messages.extend(after["messages"])
+                self._n_fed, self._prompt_tokens, self.kind = after["messages_fed"], after["prompt_tokens"], after["kind"]
+        finally:
+            self.recording, self.chunk_size = True, chunk_size
+        self.mark_committed()
 
     def generate_tokens(self, *args, **kwargs):
         self.gen_start = self.gen_end = self.policy.seen
@@ -132,8 +145,6 @@ def parse_policy(spec: str | dict | None, default: tuple[str, dict]) -> tuple[st
             raise BadRequest("policy parameters must be integers", param="policy")
     else:
         raise BadRequest("policy must be a string like 'sink:sinks=4,window=1020' or an object", param="policy")
-    if name not in ALLOWED_POLICIES:
-        raise BadRequest(f"policy {name!r} is not served; choose one of: {', '.join(ALLOWED_POLICIES)}", param="policy")
     return name, params
 
 
@@ -170,20 +181,22 @@ class Lease:
 
 
 class SessionManager:
-    def __init__(self, model, tokenizer, store: Store, *, model_name: str, default_policy: tuple[str, dict],
-                 compute: Executor, io: Executor, max_resident: int = 16, max_cache_bytes: int | None = None,
-                 max_waiters: int = 8, chunk_size: int = 512):
-        self.model, self.tokenizer, self.store = model, tokenizer, store
-        self.model_name, self.default_policy = model_name, default_policy
+    def __init__(self, model, tokenizer, store: Store, cfg: ServerConfig, *, compute: Executor, io: Executor):
+        self.model, self.tokenizer, self.store, self.cfg = model, tokenizer, store, cfg
+        self.model_name = cfg.model_name
+        self.default_policy = parse_policy(cfg.policy, None)
         self.compute, self.io = compute, io
-        self.max_resident, self.max_cache_bytes = max_resident, max_cache_bytes
-        self.max_waiters, self.chunk_size = max_waiters, chunk_size
+        self.max_resident, self.max_cache_bytes = cfg.max_resident, cfg.max_cache_bytes
+        self.max_waiters, self.chunk_size = cfg.max_waiters, cfg.chunk_size
         self.entries: dict[str, Entry] = {}
+        self.turns: set[Turn] = set()  # running turns (shutdown cancels what is left of them)
         self.ephemeral_n = 0
         self.ephemeral_bytes = 0
         self.closing = False
-        self.stats = {"loads": 0, "evictions": 0, "busy": 0, "commits": 0, "rollbacks": 0}
-        self.check_policy(*default_policy)
+        self.stats = {"loads": 0, "evictions": 0, "busy": 0, "commits": 0, "rollbacks": 0, "cancelled": 0,
+                      "rebuilds": 0}
+        # the server's own default must pass its own admission (else: a clear start-up error)
+        self.check_policy(*self.default_policy, allow_any=True)
 
     # ---- helpers ------------------------------------------------------------------------------------
     async def run_io(self, fn, *args):
@@ -192,30 +205,16 @@ class SessionManager:
     def new_session(self, name: str, params: dict) -> ServerSession:
         return ServerSession(self.model, self.tokenizer, name, chunk_size=self.chunk_size, **params)
 
-    def estimate_bytes(self, name: str, params: dict) -> int:
-        """Upper bound of what a resident session of this policy holds: KV buffers at full budget (+1 slot),
-        pristine sink keys, and the float32 next-token logits."""
-        cfg = self.model.config
-        heads = cfg.num_attention_heads
-        kv = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        elt = self.model.dtype.itemsize if hasattr(self.model.dtype, "itemsize") else 4
-        policy = make_policy(name, self.model, **params)
-        logits = cfg.vocab_size * 4
-        if name == "recompute":
-            return logits + policy.window * 8
-        per_slot = cfg.num_hidden_layers * 2 * kv * head_dim * elt
-        return per_slot * (policy.budget + 1) + cfg.num_hidden_layers * kv * head_dim * elt * policy.sinks + logits
+    def price(self, name: str, params: dict) -> Price:
+        return price(self.model, name, params)
 
-    def check_policy(self, name: str, params: dict) -> int:
-        try:
-            est = self.estimate_bytes(name, params)
-        except (ValueError, TypeError) as e:
-            raise BadRequest(str(e), param="policy") from None
-        if self.max_cache_bytes is not None and est > self.max_cache_bytes:
-            raise BadRequest(f"policy {name} {params} needs ~{est} bytes, more than the server's whole cache budget "
-                             f"({self.max_cache_bytes} bytes)", param="policy")
-        return est
+    def check_policy(self, name: str, params: dict, allow_any: bool = False) -> Price:
+        """Admission of a session's policy (see admission.py). The operator's --policy may be a policy that
+        clients may not pick themselves (allow_any), but it must still fit the budgets."""
+        cfg = self.cfg
+        if allow_any and name not in cfg.allowed_policies:
+            cfg = ServerConfig(**{**vars(cfg), "allowed_policies": (*cfg.allowed_policies, name)})
+        return check_policy(cfg, self.model, name, params)
 
     def _trim_soon(self) -> None:
         """Freed caches go back to the OS off the event loop (after the last reference is dropped)."""
@@ -233,14 +232,14 @@ class SessionManager:
         def fits():
             if self.resident_count() + 1 > self.max_resident:
                 return False
-            return self.max_cache_bytes is None or self.resident_bytes() + need_bytes <= self.max_cache_bytes
+            return self.resident_bytes() + need_bytes <= self.max_cache_bytes
 
         while not fits():
             idle = [e for e in self.entries.values() if e.resident and e.users == 0 and not e.lock.locked()]
             if not idle:
                 self.stats["busy"] += 1
                 raise Busy(f"all {self.resident_count()} resident sessions are busy (budget: {self.max_resident} "
-                           f"sessions, {self.max_cache_bytes or 'unlimited'} bytes); retry shortly", retry_after=1)
+                           f"sessions, {self.max_cache_bytes} bytes); retry shortly", retry_after=1)
             victim = min(idle, key=lambda e: e.last_used)
             # idle => its memory equals its committed snapshot: dropping it loses nothing
             victim.session, victim.resident = None, False
@@ -254,7 +253,14 @@ class SessionManager:
         if self.closing:
             raise Unavailable("server is shutting down")
         name, params = policy
-        self.check_policy(name, params)
+        self.check_policy(name, params, allow_any=policy == self.default_policy)
+        n, disk = await self.run_io(self.store.owner_usage, owner)
+        if n >= self.cfg.max_sessions_per_key:
+            raise QuotaExceeded(f"this API key already has {n} sessions, the most this server allows "
+                                f"(--max-sessions-per-key); delete some first", param="session_id")
+        if disk >= self.cfg.max_disk_bytes_per_key:
+            raise QuotaExceeded(f"this API key's sessions use {disk} bytes of disk, the most this server allows "
+                                f"({self.cfg.max_disk_bytes_per_key}, --max-disk-mb-per-key); delete some first")
         sid = new_session_id()
         meta = await self.run_io(self.store.create_session, sid, owner, self.model_name,
                                  {"name": name, "params": params}, metadata)
@@ -263,11 +269,12 @@ class SessionManager:
             s = self.new_session(name, params)
             s.messages.append({"role": "system", "content": system})
             s.kind = "chat"
-            state = {"session": s.state_dict(copy=False), "kind": s.kind}  # under the session lock: no copy needed
+            state = {"session": s.state_dict(copy=True), "kind": s.kind}
+            record = s.take_record()
 
             def write():
-                self.store.write_snapshot(sid, 1, state)
-                self.store.commit_turn(sid, 1, "chat", 0, [{"role": "system", "content": system}])
+                size = self.store.write_snapshot(sid, 1, state)
+                self.store.commit_turn(sid, 1, "chat", 0, [{"role": "system", "content": system}], record, size)
                 return self.store.get_session(sid)
             meta = await self.run_io(write)
         return meta
@@ -280,6 +287,18 @@ class SessionManager:
         if meta is None or not secrets.compare_digest(meta["owner"], owner):
             raise NotFound(f"no session {sid!r}", param="session_id", code="session_not_found")
         return meta
+
+    async def check_disk(self, meta: dict) -> None:
+        """Before a turn: the session and its key must be under their disk quotas (the turn adds to both)."""
+        used = meta["snapshot_bytes"] + meta["log_bytes"]
+        if used >= self.cfg.max_session_disk_bytes:
+            raise QuotaExceeded(f"session {meta['id']} uses {used} bytes of disk, the most one session may "
+                                f"({self.cfg.max_session_disk_bytes}, --max-session-disk-mb); start a new session",
+                                param="session_id")
+        _, disk = await self.run_io(self.store.owner_usage, meta["owner"])
+        if disk >= self.cfg.max_disk_bytes_per_key:
+            raise QuotaExceeded(f"this API key's sessions use {disk} bytes of disk, the most this server allows "
+                                f"({self.cfg.max_disk_bytes_per_key}, --max-disk-mb-per-key); delete some first")
 
     async def delete(self, sid: str, owner: str) -> None:
         await self.get_meta(sid, owner)
@@ -303,7 +322,7 @@ class SessionManager:
         entry = self.entries.get(sid)
         if entry is None:
             name, params = meta["policy"]["name"], meta["policy"]["params"]
-            entry = self.entries[sid] = Entry(sid, meta, self.estimate_bytes(name, params))
+            entry = self.entries[sid] = Entry(sid, meta, self.price(name, params).resident_bytes)
         if entry.users >= self.max_waiters:
             self.stats["busy"] += 1
             raise Busy(f"too many requests queued for session {sid}", retry_after=2)
@@ -322,7 +341,7 @@ class SessionManager:
                 if fresh is None:  # deleted while this request was on its way
                     raise NotFound(f"no session {sid!r}", param="session_id", code="session_not_found")
                 entry.meta = fresh
-                entry.session = await self.run_io(self._load, entry.meta)
+                entry.session = await loop_run(self.compute, self._load, entry.meta)
                 self.stats["loads"] += 1
         except BaseException:
             entry.resident = entry.session is not None
@@ -343,12 +362,45 @@ class SessionManager:
             del self.entries[entry.sid]
 
     def _load(self, meta: dict) -> ServerSession:
-        s = self.new_session(meta["policy"]["name"], meta["policy"]["params"])
-        if meta["version"] > 0:
-            state = self.store.read_snapshot(meta["id"], meta["version"])
+        """The committed state of a session: its snapshot if it verifies, else a replay of its turn log
+        (then the snapshot is rewritten, so the next load is fast again)."""
+        sid, version = meta["id"], meta["version"]
+        name, params = meta["policy"]["name"], meta["policy"]["params"]
+        s = self.new_session(name, params)
+        if version == 0:
+            return s
+        try:
+            state = self.store.read_snapshot(sid, version)
             s.load_state_dict(state["session"])
             s.kind = state["kind"]
-        log.info("session loaded", extra={"session_id": meta["id"], "version": meta["version"]})
+            s.mark_committed()
+            log.info("session loaded", extra={"session_id": sid, "version": version})
+            return s
+        except (SnapshotError, KeyError, ValueError, RuntimeError, TypeError) as e:
+            reason = str(e)
+        records = self.store.feed_log(sid)
+        if not records:  # a session from before turn logs existed: its unverified snapshot is all there is
+            try:
+                state = self.store.read_legacy_snapshot(sid, version)
+                s.load_state_dict(state["session"])
+                s.kind = state["kind"]
+                s.mark_committed()
+                return s
+            except (SnapshotError, KeyError, ValueError, RuntimeError, TypeError):
+                s = self.new_session(name, params)
+        if [r["version"] for r in records] != list(range(1, version + 1)):
+            log.error("session cannot be rebuilt", extra={"session_id": sid, "reason": reason})
+            raise Conflict(f"session {sid} cannot be restored: its snapshot is unusable ({reason}) and its turn log "
+                           "is incomplete (it predates turn logs); delete it", param="session_id",
+                           code="session_unrecoverable")
+        t0 = time.perf_counter()
+        s = self.new_session(name, params)
+        s.replay(records)
+        self.store.replace_snapshot(sid, version, {"session": s.state_dict(copy=True), "kind": s.kind})
+        self.stats["rebuilds"] += 1
+        log.warning("session rebuilt from its turn log", extra={
+            "session_id": sid, "version": version, "reason": reason, "tokens": s.policy.seen,
+            "seconds": round(time.perf_counter() - t0, 3)})
         return s
 
     async def acquire_ephemeral(self, policy: tuple[str, dict]) -> Lease:
@@ -356,7 +408,7 @@ class SessionManager:
         if self.closing:
             raise Unavailable("server is shutting down")
         name, params = policy
-        est = self.estimate_bytes(name, params)
+        est = self.price(name, params).resident_bytes
         self._make_room(est)
         self.ephemeral_n += 1
         self.ephemeral_bytes += est
@@ -366,21 +418,24 @@ class SessionManager:
             self.ephemeral_bytes -= est
             lease.session = None  # drop the throwaway cache now, then give its memory back
             self._trim_soon()
-        lease = Lease(self, self.new_session(name, params), None, release)
+        session = self.new_session(name, params)
+        session.recording = False  # never committed: nothing to log
+        lease = Lease(self, session, None, release)
         return lease
 
     # ---- turns --------------------------------------------------------------------------------------
     async def commit(self, lease: Lease, rows: list[dict]) -> None:
-        """Make the turn durable (snapshot + transcript, see store.py) before it is acknowledged."""
+        """Make the turn durable (snapshot + turn log + transcript, see store.py) before it is acknowledged."""
         entry, s = lease.entry, lease.session
         if entry is None:
             return
         version = entry.meta["version"] + 1
 
         def write():
-            state = {"session": s.state_dict(copy=False), "kind": s.kind}  # under the session lock: no copy needed
-            self.store.write_snapshot(entry.sid, version, state)
-            self.store.commit_turn(entry.sid, version, s.kind, s.policy.seen, rows)
+            # compact copies of the kept tokens only: saving views would write the whole preallocated buffers
+            state = {"session": s.state_dict(copy=True), "kind": s.kind}
+            size = self.store.write_snapshot(entry.sid, version, state)
+            self.store.commit_turn(entry.sid, version, s.kind, s.policy.seen, rows, s.take_record(), size)
             del state
             trim_memory()
             return self.store.get_session(entry.sid)
@@ -398,17 +453,33 @@ class SessionManager:
         self.stats["rollbacks"] += 1
         log.info("turn rolled back", extra={"session_id": entry.sid})
 
-    async def close(self, timeout: float = 30.0) -> dict:
-        """Shutdown: refuse new work, let running turns finish (they commit), then report. Idle resident
-        sessions already equal their snapshots; a turn still running after `timeout` is not acknowledged
-        and stays rolled back on disk."""
+    def begin_shutdown(self, grace: float) -> None:
+        """SIGTERM: refuse new work at once; running turns get `grace` seconds to finish (and commit), then
+        they are cancelled (rolled back within one decode step)."""
+        if self.closing:
+            return
         self.closing = True
-        deadline = time.monotonic() + timeout
-        while any(e.lock.locked() for e in self.entries.values()) and time.monotonic() < deadline:
+        loop = asyncio.get_running_loop()
+
+        def cancel_rest():
+            for turn in list(self.turns):
+                turn.cancel("the server is shutting down")
+        loop.call_later(max(0.0, grace), cancel_rest)
+
+    async def close(self, timeout: float = 5.0) -> dict:
+        """Lifespan shutdown: the same, then wait for the running turns to be gone, then report. Idle resident
+        sessions already equal their snapshots: nothing to flush."""
+        self.begin_shutdown(timeout)
+        deadline = time.monotonic() + timeout + 10  # a cancelled turn stops after its current step
+        while self.turns and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         unfinished = [e.sid for e in self.entries.values() if e.dirty]
         flushed = sum(1 for e in self.entries.values() if e.resident and not e.dirty)
-        return {"resident_flushed": flushed, "unfinished_turns": unfinished}
+        return {"resident_flushed": flushed, "unfinished_turns": unfinished, "counters": dict(self.stats)}
+
+
+async def loop_run(executor: Executor, fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 _END = object()
@@ -416,18 +487,24 @@ _END = object()
 
 class Turn:
     """Runs one generation (a sync generator of text pieces) in the compute pool, one step per executor
-    call, in its own task: a client disconnect sets `cancelled` instead of interrupting the session between
-    a model step and its bookkeeping. The task owns the lease and releases it at the end."""
+    call, in its own task: a client disconnect or shutdown calls `cancel` instead of interrupting the session
+    between a model step and its bookkeeping, so the turn stops after its current step and is rolled back.
+    The task owns the lease and releases it at the end."""
 
     def __init__(self, lease: Lease, gen: Iterator[str], finish: Callable[[str], Awaitable[Any]]):
         self.lease, self.gen, self.finish = lease, gen, finish
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.cancelled = False
+        self.cancelled: str | None = None  # why, once cancelled
         self.task: asyncio.Task | None = None
+
+    def cancel(self, why: str = "the client went away") -> None:
+        if self.cancelled is None:
+            self.cancelled = why
 
     def start(self) -> "Turn":
         if self.lease.entry is not None:
             self.lease.entry.dirty = True
+        self.lease.manager.turns.add(self)
         self.task = asyncio.create_task(self._run())
         return self
 
@@ -436,16 +513,18 @@ class Turn:
         manager = self.lease.manager
         pieces: list[str] = []
         try:
-            while not self.cancelled:
+            while self.cancelled is None:
                 piece = await loop.run_in_executor(manager.compute, next, self.gen, _END)
                 if piece is _END:
                     break
                 pieces.append(piece)
                 self.queue.put_nowait(("piece", piece))
-            if self.cancelled:
+            if self.cancelled is not None:
                 self.gen.close()
                 manager.rollback(self.lease)
-                self.queue.put_nowait(("cancelled", None))
+                manager.stats["cancelled"] += 1
+                log.info("turn cancelled", extra={"session_id": self.lease.sid, "reason": self.cancelled})
+                self.queue.put_nowait(("cancelled", self.cancelled))
                 return
             result = await self.finish("".join(pieces))
             self.queue.put_nowait(("done", result))
@@ -460,6 +539,7 @@ class Turn:
                 raise
         finally:
             self.lease.release()
+            manager.turns.discard(self)
 
     async def events(self):
         while True:

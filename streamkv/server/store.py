@@ -12,15 +12,26 @@ The commit protocol (why a turn survives `kill -9` or is cleanly absent):
 A crash before 2 leaves an orphan file that `sweep_orphans` removes at start-up; after 2 the turn is
 acknowledged and both halves are on disk. SQLite runs in WAL mode with synchronous=FULL so a committed
 transaction is durable when `commit()` returns.
+
+The durable record is the *turn log* (table `feeds`, written in the same transaction): every token id the
+turn fed, with the lengths of the forwards it was fed in, and the transcript state it left behind. A
+snapshot is only a cache of replaying that log: each file starts with a header naming its session, its
+version and the SHA-256 of its payload, so a truncated, garbage or foreign file is recognised on load and
+the session is rebuilt from the log (same ids, same forward lengths: identical logits) instead of failing.
+
+Everything here is private to the local user: the data folder is 0700 and the files 0600.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import sqlite3
 import tempfile
 import threading
 import time
+from array import array
 from pathlib import Path
 
 import torch
@@ -51,10 +62,31 @@ CREATE TABLE IF NOT EXISTS turns (
     finish_reason TEXT,
     PRIMARY KEY (session_id, seq)
 );
+CREATE TABLE IF NOT EXISTS feeds (  -- the turn log: what each committed version fed into the stream
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    runs TEXT NOT NULL,             -- JSON [[forward_length, count], ...] in feed order
+    ids BLOB NOT NULL,              -- int32 token ids, in feed order
+    after TEXT NOT NULL,            -- JSON: messages appended, messages_fed, prompt_tokens, kind
+    PRIMARY KEY (session_id, version)
+);
 """
+ADDED_COLUMNS = {  # columns newer than the first schema: added in place to an older database
+    "snapshot_bytes": "INTEGER NOT NULL DEFAULT 0",  # size of the current snapshot file
+    "log_bytes": "INTEGER NOT NULL DEFAULT 0",       # turn log + transcript bytes (grows with the stream)
+}
+MAGIC = b"STREAMKV-SNAPSHOT 1\n"
 
 SESSION_COLUMNS = ("id", "owner", "created", "updated", "model", "policy", "kind", "version", "tokens_seen",
-                   "n_turns", "metadata")
+                   "n_turns", "metadata", "snapshot_bytes", "log_bytes")
+
+
+class StoreError(Exception):
+    """The database cannot be opened or is damaged: the server must not start on it."""
+
+
+class SnapshotError(Exception):
+    """A snapshot file is missing, damaged, or not the one the database points at."""
 
 
 def _row_to_dict(row) -> dict:
@@ -70,13 +102,33 @@ class Store:
     def __init__(self, data_dir: str | os.PathLike):
         self.dir = Path(data_dir)
         self.snap_dir = self.dir / "snapshots"
-        self.snap_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.dir, self.snap_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(d, 0o700)
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(self.dir / "streamkv.sqlite3", check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
+        self.path = self.dir / "streamkv.sqlite3"
+        try:
+            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(SCHEMA)
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(sessions)")}
+            for column, decl in ADDED_COLUMNS.items():
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE sessions ADD COLUMN {column} {decl}")
+            check = self.db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
+        except sqlite3.Error as e:
+            raise StoreError(
+                f"the session database {self.path} is damaged or unreadable ({e}). Nothing was changed. Either "
+                f"restore it from a backup, or salvage what is readable with `sqlite3 {self.path} .recover > "
+                f"recovered.sql`, then move the damaged file aside (mv {self.path} {self.path}.damaged) and "
+                "start again: the server creates an empty database, into which you can load recovered.sql."
+            ) from None
+        for f in self.dir.glob("streamkv.sqlite3*"):
+            os.chmod(f, 0o600)
 
     # ---- sessions ---------------------------------------------------------------------------------
     def create_session(self, sid: str, owner: str, model: str, policy: dict, metadata: dict) -> dict:
@@ -124,13 +176,21 @@ class Store:
     def snapshot_path(self, sid: str, version: int) -> Path:
         return self.snap_dir / f"{sid}.{version}.pt"
 
-    def write_snapshot(self, sid: str, version: int, state: dict) -> Path:
-        """Atomically write a snapshot file (not yet referenced by the database)."""
+    def write_snapshot(self, sid: str, version: int, state: dict) -> int:
+        """Atomically write a snapshot file (header + payload; not yet referenced by the database). Returns
+        its size in bytes."""
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        payload = buf.getbuffer()
+        header = json.dumps({"session_id": sid, "version": version, "bytes": len(payload),
+                             "sha256": hashlib.sha256(payload).hexdigest()}).encode() + b"\n"
         path = self.snapshot_path(sid, version)
-        fd, tmp = tempfile.mkstemp(dir=self.snap_dir, prefix=f".{sid}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.snap_dir, prefix=f".{sid}.", suffix=".tmp")  # mode 0600
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
+                f.write(MAGIC)
+                f.write(header)
+                f.write(payload)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -142,15 +202,102 @@ class Store:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-        return path
+        return len(MAGIC) + len(header) + len(payload)
+
+    def _open_snapshot(self, sid: str, version: int, verify: bool) -> tuple[dict, bytes | None]:
+        path = self.snapshot_path(sid, version)
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(MAGIC)) != MAGIC:
+                    raise SnapshotError(f"{path.name}: not a streamkv snapshot")
+                try:
+                    header = json.loads(f.readline(4096))
+                except ValueError:
+                    raise SnapshotError(f"{path.name}: damaged header") from None
+                if not isinstance(header, dict) or header.get("session_id") != sid or header.get("version") != version:
+                    raise SnapshotError(f"{path.name}: belongs to {header.get('session_id') if isinstance(header, dict) else '?'}"
+                                        f" version {header.get('version') if isinstance(header, dict) else '?'}")
+                size = path.stat().st_size - f.tell()
+                if size != header.get("bytes"):
+                    raise SnapshotError(f"{path.name}: {size} payload bytes, header says {header.get('bytes')}")
+                if not verify:
+                    return header, None
+                payload = f.read()
+        except FileNotFoundError:
+            raise SnapshotError(f"{path.name}: missing") from None
+        if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+            raise SnapshotError(f"{path.name}: checksum mismatch")
+        return header, payload
+
+    def check_snapshot(self, sid: str, version: int) -> None:
+        """Cheap start-up check (exists, header names this session and version, size matches); raises
+        SnapshotError. The checksum is verified when the snapshot is read."""
+        self._open_snapshot(sid, version, verify=False)
 
     def read_snapshot(self, sid: str, version: int) -> dict:
-        return torch.load(self.snapshot_path(sid, version), map_location="cpu", weights_only=True)
+        """The verified state of `sid` at `version`; SnapshotError if it is missing, damaged or foreign."""
+        _, payload = self._open_snapshot(sid, version, verify=True)
+        try:
+            return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        except Exception as e:  # a valid checksum over an unreadable payload: written by something else
+            raise SnapshotError(f"snapshot of {sid} v{version}: unreadable payload ({e})") from None
 
-    def commit_turn(self, sid: str, version: int, kind: str, tokens_seen: int, rows: list[dict]) -> None:
-        """The commit point: transcript rows + the new snapshot version in one transaction; then the
-        previous snapshot file is dropped."""
+    def read_legacy_snapshot(self, sid: str, version: int) -> dict:
+        """A snapshot written before headers existed (no checksum to verify; only used when the session has
+        no turn log to rebuild from)."""
+        try:
+            return torch.load(self.snapshot_path(sid, version), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SnapshotError(f"{sid}.{version}.pt: unreadable ({e})") from None
+
+    def damaged_snapshots(self) -> list[tuple[str, str]]:
+        """(session id, reason) of every committed snapshot that fails `check_snapshot`."""
+        with self._lock:
+            rows = self.db.execute("SELECT id, version FROM sessions WHERE version > 0").fetchall()
+        bad = []
+        for sid, version in rows:
+            try:
+                self.check_snapshot(sid, version)
+            except SnapshotError as e:
+                bad.append((sid, str(e)))
+        return bad
+
+    def replace_snapshot(self, sid: str, version: int, state: dict) -> None:
+        """Repair: rewrite the snapshot the database already points at (rebuilt from the turn log)."""
+        size = self.write_snapshot(sid, version, state)
+        with self._lock:
+            self.db.execute("UPDATE sessions SET snapshot_bytes = ? WHERE id = ?", (size, sid))
+
+    # ---- the turn log ------------------------------------------------------------------------------
+    def feed_log(self, sid: str) -> list[dict]:
+        """Every committed version's record, in order: {"version", "runs", "ids", "after"}."""
+        with self._lock:
+            rows = self.db.execute("SELECT version, runs, ids, after FROM feeds WHERE session_id = ? ORDER BY version",
+                                   (sid,)).fetchall()
+        out = []
+        for version, runs, blob, after in rows:
+            ids = array("i")
+            ids.frombytes(blob)
+            out.append({"version": version, "runs": json.loads(runs), "ids": ids.tolist(), "after": json.loads(after)})
+        return out
+
+    def owner_usage(self, owner: str) -> tuple[int, int]:
+        """(sessions, disk bytes) held by one key."""
+        with self._lock:
+            n, disk = self.db.execute("SELECT COUNT(*), COALESCE(SUM(snapshot_bytes + log_bytes), 0) FROM sessions "
+                                      "WHERE owner = ?", (owner,)).fetchone()
+        return n, disk
+
+    def commit_turn(self, sid: str, version: int, kind: str, tokens_seen: int, rows: list[dict],
+                    record: dict | None = None, snapshot_bytes: int = 0) -> None:
+        """The commit point: transcript rows, the turn-log record and the new snapshot version in one
+        transaction; then the previous snapshot file is dropped. `record` is {"runs", "ids", "after"}."""
         now = int(time.time())
+        log_bytes = sum(len(r["content"].encode()) + 64 for r in rows)
+        if record is not None:
+            runs, after = json.dumps(record["runs"]), json.dumps(record["after"])
+            ids = array("i", record["ids"]).tobytes()
+            log_bytes += len(runs) + len(after) + len(ids)
         with self._lock:
             cur = self.db.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -163,9 +310,13 @@ class Store:
                         (sid, n_turns + i, r["role"], r["content"], now, r.get("prompt_tokens"),
                          r.get("completion_tokens"), r.get("finish_reason")),
                     )
+                if record is not None:
+                    cur.execute("INSERT INTO feeds (session_id, version, runs, ids, after) VALUES (?, ?, ?, ?, ?)",
+                                (sid, version, runs, ids, after))
                 cur.execute(
-                    "UPDATE sessions SET version = ?, kind = ?, tokens_seen = ?, n_turns = ?, updated = ? WHERE id = ?",
-                    (version, kind, tokens_seen, n_turns + len(rows), now, sid),
+                    "UPDATE sessions SET version = ?, kind = ?, tokens_seen = ?, n_turns = ?, updated = ?, "
+                    "snapshot_bytes = ?, log_bytes = log_bytes + ? WHERE id = ?",
+                    (version, kind, tokens_seen, n_turns + len(rows), now, snapshot_bytes, log_bytes, sid),
                 )
                 cur.execute("COMMIT")
             except BaseException:
