@@ -2,6 +2,7 @@
 process on a free loopback port (always killed in teardown)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -138,3 +139,85 @@ def say(client, sid: str, text: str, max_tokens: int = 8) -> str:
     out = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": text}],
                                          max_tokens=max_tokens, temperature=0, extra_body={"session_id": sid})
     return out.choices[0].message.content
+
+
+# ---- hostile requests: every route x a table of hostile values --------------------------------------------
+# Raw JSON texts (not Python values), so that what `json.dumps` would never write is tried too: NaN,
+# Infinity, lone surrogates, deep nesting.
+HOSTILE_VALUES = [
+    "null", "true", "-1", "0", str(2**70), str(-(2**70)), "1e308", "-1e-300", "1e-300", "NaN", "Infinity",
+    "-Infinity", '""', '"' + "x" * 100_000 + '"', '"\\u0000"', '"\\ud800"', '"' + "\U0001F4A5" * 2000 + '"',
+    '"../../etc/passwd"', "[]", "{}", '["a", 1, null]', '{"a": {"b": [1, 2]}}', "[" * 3000 + "]" * 3000,
+]
+HOSTILE_IDS = ["..%2F..%2Fetc%2Fpasswd", "sess_" + "A" * 32, "sess_" + "A" * 500, "%00", "%F0%9F%92%A5", "'%20OR%201=1"]
+
+
+def hostile_requests(model: str = TINY, session_id: str | None = None):
+    """(method, path, raw body or None, headers) for every route and field x hostile value."""
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    completion = {"model": model, "prompt": "hi", "max_tokens": 1}
+    json_ct = {"Content-Type": "application/json"}
+    fields = {
+        "/v1/chat/completions": (chat, ["model", "messages", "max_tokens", "max_completion_tokens", "temperature",
+                                        "top_p", "top_k", "seed", "stop", "stream", "stream_options", "n",
+                                        "session_id", "logprobs", "tools", "response_format", "presence_penalty",
+                                        "user"]),
+        "/v1/completions": (completion, ["model", "prompt", "max_tokens", "echo", "suffix", "best_of", "logprobs",
+                                         "seed", "temperature", "stop", "session_id"]),
+        "/v1/sessions": ({}, ["policy", "system", "metadata"]),
+    }
+    for path, (base, names) in fields.items():
+        for name in names:
+            for value in HOSTILE_VALUES:
+                body = json.dumps({**base, name: "@@"}).replace('"@@"', value)
+                yield "POST", path, body.encode(), json_ct
+        for value in HOSTILE_VALUES[:12]:  # nested fields and whole bodies
+            yield "POST", path, value.encode(), json_ct
+    for value in HOSTILE_VALUES:
+        for inner in ("role", "content"):
+            msg = json.dumps({"role": "user", "content": "x", inner: "@@"}).replace('"@@"', value)
+            yield "POST", "/v1/chat/completions", f'{{"model": "{model}", "messages": [{msg}]}}'.encode(), json_ct
+        policy = json.dumps({"name": "sink", "window": "@@"}).replace('"@@"', value)
+        yield "POST", "/v1/sessions", f'{{"policy": {policy}}}'.encode(), json_ct
+        meta = json.dumps({"k": "@@"}).replace('"@@"', value)
+        yield "POST", "/v1/sessions", f'{{"metadata": {meta}}}'.encode(), json_ct
+    for sid in HOSTILE_IDS:
+        for suffix in ("", "/messages", "/state"):
+            yield "GET", f"/v1/sessions/{sid}{suffix}", None, {}
+        yield "DELETE", f"/v1/sessions/{sid}", None, {}
+        yield "GET", f"/v1/models/{sid}", None, {}
+        yield "POST", "/v1/chat/completions", json.dumps(chat).encode(), {**json_ct, "X-Session-Id": sid}
+    for query in ("limit=0", "limit=-1", f"limit={2**70}", "limit=1e3", "limit=%00", "limit=" + "9" * 5000):
+        yield "GET", f"/v1/sessions?{query}", None, {}
+    target = session_id or "sess_" + "A" * 32
+    for query in ("top=-1", "top=101", f"top={2**70}", "logits=all", "logits=%00", "top=nan"):
+        yield "GET", f"/v1/sessions/{target}/state?{query}", None, {}
+    for header in ({"Authorization": "Bearer " + "x" * 10_000}, {"X-Request-Id": "\x7f" * 100},
+                   {"X-Request-Id": "x" * 10_000}):
+        yield "POST", "/v1/chat/completions", json.dumps(chat).encode(), {**json_ct, **header}
+
+
+def run_hostile(base_url: str, session_id: str | None = None) -> dict:
+    """Send every hostile request; returns counts and the requests that got a 5xx or a non-OpenAI error."""
+    counts = {"tried": 0, "2xx": 0, "4xx": 0, "5xx": 0, "bad_error_body": 0}
+    failures = []
+    with httpx.Client(base_url=base_url, timeout=120) as http:
+        for method, path, body, headers in hostile_requests(session_id=session_id):
+            counts["tried"] += 1
+            try:
+                r = http.request(method, path, content=body, headers=headers)
+            except httpx.HTTPError:  # e.g. a header httpx itself refuses to send
+                counts["tried"] -= 1
+                continue
+            bucket = f"{r.status_code // 100}xx"
+            counts[bucket] = counts.get(bucket, 0) + 1
+            if r.status_code >= 500:
+                failures.append((method, path, (body or b"")[:200], r.status_code, r.text[:300]))
+            elif r.status_code >= 400:
+                try:
+                    err = r.json()["error"]
+                    assert isinstance(err["message"], str) and err["message"] and "type" in err
+                except Exception:
+                    counts["bad_error_body"] += 1
+                    failures.append((method, path, (body or b"")[:200], r.status_code, r.text[:300]))
+    return {**counts, "failures": failures}
