@@ -221,3 +221,212 @@ def run_hostile(base_url: str, session_id: str | None = None) -> dict:
                     counts["bad_error_body"] += 1
                     failures.append((method, path, (body or b"")[:200], r.status_code, r.text[:300]))
     return {**counts, "failures": failures}
+
+
+# ---- crash/fault loop and load mix (short in the tests, long in benchmarks/server_reliability.py) ---------
+def turn_text(who: str, i: int, max_tokens: int) -> str:
+    return f"{who} turn {i} (max {max_tokens}): tell me about rivers."
+
+
+def max_tokens_of(text: str) -> int:
+    return int(text.split("(max ")[1].split(")")[0])
+
+
+def damage_snapshot(data_dir: Path, rng, sids: list[str]) -> str | None:
+    """Truncate, garble, delete or replace (with another session's) one random committed snapshot."""
+    snaps = sorted((data_dir / "snapshots").glob("sess_*.pt"))
+    if not snaps:
+        return None
+    victim, how = rng.choice(snaps), rng.choice(["truncated", "garbage", "deleted", "foreign"])
+    if how == "truncated":
+        victim.write_bytes(victim.read_bytes()[: rng.randrange(victim.stat().st_size)])
+    elif how == "garbage":
+        victim.write_bytes(os.urandom(victim.stat().st_size))
+    elif how == "deleted":
+        victim.unlink()
+    else:
+        others = [s for s in snaps if s != victim]
+        if not others:
+            return None
+        victim.write_bytes(rng.choice(others).read_bytes())
+    return how
+
+
+def fault_loop(model: Path | None, data_dir: Path, kills: int, rng, *args: str, sessions: int = 2,
+               damage_every: int = 2, model_name: str = TINY) -> dict:
+    """kill -9 the server at random moments while clients run turns, `kills` times, damaging a snapshot
+    every `damage_every` kills; then check every acknowledged turn is in its transcript (in order) and every
+    session's state equals a control session that ran the transcript's turns without interruption."""
+    import threading
+
+    acked: dict[str, list[tuple[str, str]]] = {}
+    sids: list[str] = []
+    damaged = []
+    turns_sent = 0
+    srv = None
+    for k in range(kills + 1):
+        srv = Server(model, data_dir, *args, log=data_dir.parent / "fault-server.log")
+        if model is None:
+            srv.command = lambda s=srv: Server.command(s) + ["--served-model-name", model_name]
+        srv.start()
+        if not sids:
+            with srv.http() as h:
+                sids = [create_session(h) for _ in range(sessions)]
+            acked = {sid: [] for sid in sids}
+        if k == kills:
+            break
+        stop = threading.Event()
+
+        def client(sid, who):
+            nonlocal turns_sent
+            c = srv.client().with_options(timeout=30)
+            i = len(acked[sid])
+            while not stop.is_set():
+                n = rng.randint(1, 12)
+                text = turn_text(who, f"{k}.{i}", n)
+                turns_sent += 1
+                try:
+                    out = c.chat.completions.create(model=model_name, messages=[{"role": "user", "content": text}],
+                                                    max_tokens=n, temperature=0, extra_body={"session_id": sid})
+                except Exception:
+                    return  # the server died under us: this turn is not acknowledged
+                acked[sid].append((text, out.choices[0].message.content))
+                i += 1
+        threads = [threading.Thread(target=client, args=(sid, f"s{j}")) for j, sid in enumerate(sids)]
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(0.2, 2.0))
+        srv.kill()
+        stop.set()
+        for t in threads:
+            t.join(30)
+        if damage_every and (k + 1) % damage_every == 0:
+            how = damage_snapshot(data_dir, rng, sids)
+            if how:
+                damaged.append(how)
+    # the final server: verify
+    lost, mismatched = 0, 0
+    try:
+        with srv.http() as h:
+            client = srv.client()
+            for sid in sids:
+                rows = h.get(f"/v1/sessions/{sid}/messages").json()["data"]
+                pairs = [(rows[i]["content"], rows[i + 1]["content"]) for i in range(0, len(rows) - 1, 2)]
+                it = iter(pairs)
+                lost += sum(1 for a in acked[sid] if a not in it)  # acknowledged turns, in order
+                control = create_session(h)
+                for user, reply in pairs:
+                    if say(client, control, user, max_tokens=max_tokens_of(user)) != reply:
+                        mismatched += 1
+                a, b = state(h, sid), state(h, control)
+                if (a["logits_sha256"], a["stats"]["tokens_seen"]) != (b["logits_sha256"], b["stats"]["tokens_seen"]):
+                    mismatched += 1
+                h.delete(f"/v1/sessions/{control}")
+            rebuilds = h.get("/health").json()["counters"]["rebuilds"]
+    finally:
+        srv.stop()
+    return {"kills": kills, "turns_sent": turns_sent, "turns_acknowledged": sum(len(v) for v in acked.values()),
+            "turns_lost": lost, "sessions_diverged": mismatched, "snapshots_damaged": damaged,
+            "rebuilds_after_restart": rebuilds}
+
+
+def load_mix(srv: "Server", seconds: float, clients: int, rng, model_name: str = TINY) -> dict:
+    """Concurrent clients, each with its own session, mixing streaming, non-streaming, abandoned and
+    hostile requests for `seconds`. Returns status counts, peak RSS and whether every session's transcript
+    is exactly its acknowledged turns (nothing mixed, nothing lost)."""
+    import threading
+
+    hostile = list(hostile_requests(model_name))
+    statuses: dict[str, int] = {}
+    fives: list = []
+    lock = threading.Lock()
+    peak_rss = [0]
+    stop = threading.Event()
+    with srv.http() as h:
+        sids = [create_session(h) for _ in range(clients)]
+    acked = {sid: [] for sid in sids}
+
+    def count(code: int, what) -> None:
+        with lock:
+            statuses[f"{code // 100}xx" if code != 429 else "429"] = statuses.get(
+                f"{code // 100}xx" if code != 429 else "429", 0) + 1
+            if code >= 500:
+                fives.append(what)
+
+    def worker(j: int, sid: str) -> None:
+        r_ = __import__("random").Random(rng.random())
+        http = httpx.Client(base_url=srv.base_url, timeout=60)
+        i = 0
+        while not stop.is_set():
+            kind = r_.choice(["stream", "plain", "plain", "abandon", "hostile", "stateless"])
+            text = turn_text(f"c{j}", i, r_.randint(1, 16))
+            body = {"model": model_name, "messages": [{"role": "user", "content": text}],
+                    "max_tokens": max_tokens_of(text), "temperature": 0, "session_id": sid}
+            try:
+                if kind == "plain":
+                    r = http.post("/v1/chat/completions", json=body)
+                    count(r.status_code, (kind, r.text[:200]))
+                    if r.status_code == 200:
+                        acked[sid].append((text, r.json()["choices"][0]["message"]["content"]))
+                        i += 1
+                elif kind == "stream":
+                    pieces, done = [], False
+                    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                        count(r.status_code, (kind, ""))
+                        for line in r.iter_lines():
+                            if line == "data: [DONE]":
+                                done = True
+                            elif line.startswith("data: "):
+                                chunk = json.loads(line[6:])
+                                if chunk.get("choices"):
+                                    pieces.append(chunk["choices"][0]["delta"].get("content") or "")
+                    if r.status_code == 200 and done:
+                        acked[sid].append((text, "".join(pieces)))
+                        i += 1
+                elif kind == "abandon":  # stateless, so that it cannot land in a transcript we check
+                    stateless = {k: v for k, v in body.items() if k != "session_id"}
+                    try:
+                        httpx.post(srv.base_url + "/v1/chat/completions", json={**stateless, "max_tokens": 4000},
+                                   timeout=r_.uniform(0.05, 0.5))
+                    except httpx.TimeoutException:
+                        pass
+                elif kind == "hostile":
+                    method, path, content, headers = r_.choice(hostile)
+                    r = http.request(method, path, content=content, headers=headers)
+                    count(r.status_code, (method, path, (content or b"")[:100], r.text[:200]))
+                else:
+                    stateless = {k: v for k, v in body.items() if k != "session_id"}
+                    r = http.post("/v1/chat/completions", json=stateless)
+                    count(r.status_code, (kind, r.text[:200]))
+            except httpx.HTTPError as e:
+                count(599, (kind, repr(e)))
+        http.close()
+
+    def sampler():
+        with httpx.Client(base_url=srv.base_url, timeout=30) as h:
+            while not stop.is_set():
+                peak_rss[0] = max(peak_rss[0], h.get("/health").json()["rss_bytes"])
+                time.sleep(0.1)
+    threads = [threading.Thread(target=worker, args=(j, sid)) for j, sid in enumerate(sids)]
+    threads.append(threading.Thread(target=sampler))
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(120)
+    mixed = 0
+    with srv.http() as h:
+        for sid in sids:
+            rows = h.get(f"/v1/sessions/{sid}/messages").json()["data"]
+            pairs = [(rows[i]["content"], rows[i + 1]["content"]) for i in range(0, len(rows) - 1, 2)]
+            mixed += pairs != acked[sid]
+        health = h.get("/health").json()
+    return {"clients": clients, "seconds": seconds, "statuses": statuses, "five_xx": fives[:10],
+            "turns_acknowledged": sum(len(v) for v in acked.values()), "sessions_mixed_or_lost": mixed,
+            "peak_rss_bytes": peak_rss[0], "max_cache_bytes": health["max_cache_bytes"],
+            "counters": health["counters"]}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
