@@ -264,11 +264,9 @@ def fault_loop(model: Path | None, data_dir: Path, kills: int, rng, *args: str, 
     damaged = []
     turns_sent = 0
     srv = None
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
     for k in range(kills + 1):
-        srv = Server(model, data_dir, *args, log=data_dir.parent / "fault-server.log")
-        if model is None:
-            srv.command = lambda s=srv: Server.command(s) + ["--served-model-name", model_name]
-        srv.start()
+        srv = Server(model, data_dir, *args, log=data_dir.parent / "fault-server.log").start()
         if not sids:
             with srv.http() as h:
                 sids = [create_session(h) for _ in range(sessions)]

@@ -1,0 +1,132 @@
+"""The figures of issue #12 (server reliability), measured on real server processes:
+
+* hostile requests tried / 4xx / 5xx (every route x hostile values; embedded model, default flags);
+* kill -9 injected / acknowledged turns lost / sessions diverged, with damaged snapshots along the way
+  (tiny random model, so that many kills fit in a few minutes);
+* peak RSS and disk under a load mix (streaming, non-streaming, abandoned, hostile; embedded model)
+  against the server's budgets;
+* snapshot bytes per kept token, and replay (rebuild from the turn log) time per 1k tokens (embedded).
+
+    python benchmarks/server_reliability.py [--kills 20] [--load-seconds 60] [--out docs/results/server_reliability.json]
+
+Takes ~10 minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from server_helpers import (Server, build_tiny_model, create_session, dir_bytes, fault_loop,  # noqa: E402
+                            load_mix, run_hostile, state)
+
+EMBEDDED = "embedded"
+FILLER = ("The river wound through the valley past old mills and quiet farms, and the travellers spoke of "
+          "harvests, of storms that came from the western hills, and of markets in distant towns. ")
+
+
+def hostile(tmp: Path) -> dict:
+    srv = Server(None, tmp / "hostile").start()
+    try:
+        with srv.http() as h:
+            sid = create_session(h)
+        srv.client().chat.completions.create(model=EMBEDDED, max_tokens=2, extra_body={"session_id": sid},
+                                             messages=[{"role": "user", "content": "hello"}])
+        t0 = time.perf_counter()
+        out = run_hostile(srv.base_url, sid)
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        out["server_alive_after"] = srv.proc.poll() is None and srv.http().get("/health").json()["status"] == "ok"
+        out["failures"] = out["failures"][:5]
+        return out
+    finally:
+        srv.stop()
+
+
+def snapshot_and_replay(tmp: Path) -> dict:
+    """A default-policy session (sink 4 + 1020) filled past its window; its snapshot size per kept token;
+    then the snapshot is deleted and the time to rebuild it from the turn log is measured."""
+    data = tmp / "replay"
+    srv = Server(None, data).start()
+    try:
+        h, client = srv.http(), srv.client()
+        sid = create_session(h)
+        for i in range(4):
+            client.chat.completions.create(model=EMBEDDED, max_tokens=16, temperature=0, extra_body={"session_id": sid},
+                                           messages=[{"role": "user", "content": f"Part {i}. " + FILLER * 12}])
+        before = state(h, sid)
+        snap = next((data / "snapshots").glob(f"{sid}.*.pt"))
+        size = snap.stat().st_size
+    finally:
+        srv.kill()
+    snap.unlink()
+    srv = Server(None, data).start()
+    try:
+        h = srv.http()
+        t0 = time.perf_counter()
+        after = state(h, sid)
+        seconds = time.perf_counter() - t0
+        assert after["logits_sha256"] == before["logits_sha256"], "replay diverged"
+    finally:
+        srv.stop()
+    seen, kept = before["stats"]["tokens_seen"], before["stats"]["tokens_cached"]
+    return {"policy": "sink:sinks=4,window=1020", "tokens_seen": seen, "tokens_kept": kept,
+            "snapshot_bytes": size, "snapshot_bytes_per_kept_token": round(size / kept),
+            "kv_bytes_per_token": 46080,
+            "snapshot_bytes_before_fix_reported": 47_500_000,
+            "replay_seconds": round(seconds, 2), "replay_seconds_per_1k_tokens": round(seconds / seen * 1000, 3),
+            "replayed_logits_identical": True}
+
+
+def load(tmp: Path, seconds: float) -> dict:
+    data = tmp / "load"
+    srv = Server(None, data, "--max-resident-sessions", "8", "--max-tokens-cap", "4000").start()
+    try:
+        health = srv.http().get("/health").json()
+        rss0 = health["rss_bytes"]
+        out = load_mix(srv, seconds, 12, random.Random(7), model_name=EMBEDDED)
+        out["rss_at_start_bytes"] = rss0
+        out["max_session_bytes"] = health["max_session_bytes"]
+        out["rss_budget_bytes"] = rss0 + out["max_cache_bytes"]
+        out["disk_bytes"] = dir_bytes(data)
+        out["disk_budget_bytes"] = 12 * 256 * (1 << 20)  # per-session quota x sessions
+        return out
+    finally:
+        srv.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--load-seconds", type=float, default=60)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "server_reliability.json"))
+    args = ap.parse_args()
+    result = {"machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()}}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        t0 = time.perf_counter()
+        result["hostile"] = hostile(tmp)
+        print("hostile", json.dumps(result["hostile"])[:300], flush=True)
+        result["snapshot_and_replay"] = snapshot_and_replay(tmp)
+        print("snapshot", result["snapshot_and_replay"], flush=True)
+        tiny = build_tiny_model(tmp / "models" / "tiny")
+        result["faults"] = fault_loop(tiny, tmp / "faults" / "data", args.kills, random.Random(12), "--policy",
+                                      "sink:sinks=4,window=40", "--chunk-size", "16", damage_every=2)
+        print("faults", result["faults"], flush=True)
+        result["load"] = load(tmp, args.load_seconds)
+        print("load", json.dumps(result["load"])[:500], flush=True)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("wrote", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
