@@ -64,6 +64,11 @@ def snapshot_and_replay(tmp: Path) -> dict:
         before = state(h, sid)
         snap = next((data / "snapshots").glob(f"{sid}.*.pt"))
         size = snap.stat().st_size
+        small = create_session(h)  # the case: a few tokens used to write the whole 47.5 MB buffer
+        client.chat.completions.create(model=EMBEDDED, max_tokens=2, temperature=0, extra_body={"session_id": small},
+                                       messages=[{"role": "user", "content": "hi"}])
+        small_kept = state(h, small)["stats"]["tokens_cached"]
+        small_size = next((data / "snapshots").glob(f"{small}.*.pt")).stat().st_size
     finally:
         srv.kill()
     snap.unlink()
@@ -80,6 +85,7 @@ def snapshot_and_replay(tmp: Path) -> dict:
     return {"policy": "sink:sinks=4,window=1020", "tokens_seen": seen, "tokens_kept": kept,
             "snapshot_bytes": size, "snapshot_bytes_per_kept_token": round(size / kept),
             "kv_bytes_per_token": 46080,
+            "small_session_tokens_kept": small_kept, "small_session_snapshot_bytes": small_size,
             "snapshot_bytes_before_fix_reported": 47_500_000,
             "replay_seconds": round(seconds, 2), "replay_seconds_per_1k_tokens": round(seconds / seen * 1000, 3),
             "replayed_logits_identical": True}

@@ -29,3 +29,46 @@ def test_commit_point_and_orphan_sweep(tmp_path):
     assert store.get_session("sess_x") is None and store.turns("sess_x") == []
     assert list(store.snap_dir.iterdir()) == []
     store.close()
+
+
+def test_snapshots_are_verified_and_the_turn_log_round_trips(tmp_path):
+    import os
+    import shutil
+    import stat
+
+    import pytest
+
+    from streamkv.server.store import SnapshotError, StoreError
+
+    store = Store(tmp_path)
+    for sid in ("sess_a", "sess_b"):
+        store.create_session(sid, "owner", "tiny", {"name": "sink", "params": {}}, {})
+    record = {"runs": [[16, 2], [1, 5]], "ids": list(range(37)), "after": {"messages": [], "messages_fed": 0,
+                                                                          "prompt_tokens": 0, "kind": "text"}}
+    for sid in ("sess_a", "sess_b"):
+        size = store.write_snapshot(sid, 1, {"t": torch.arange(4)})
+        store.commit_turn(sid, 1, "text", 37, [{"role": "prompt", "content": "x"}], record, size)
+    assert store.feed_log("sess_a") == [{"version": 1, **record}]
+    assert store.get_session("sess_a")["snapshot_bytes"] == size and store.get_session("sess_a")["log_bytes"] > 148
+    assert store.owner_usage("owner")[0] == 2
+    assert stat.S_IMODE(os.stat(tmp_path / "streamkv.sqlite3").st_mode) == 0o600
+    assert stat.S_IMODE(store.snapshot_path("sess_a", 1).stat().st_mode) == 0o600
+
+    a, b = store.snapshot_path("sess_a", 1), store.snapshot_path("sess_b", 1)
+    shutil.copy(b, a)  # foreign: a valid snapshot of another session
+    with pytest.raises(SnapshotError, match="belongs to sess_b"):
+        store.read_snapshot("sess_a", 1)
+    data = b.read_bytes()
+    b.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one flipped bit in the payload
+    store.check_snapshot("sess_b", 1)  # the cheap start-up check cannot see it ...
+    with pytest.raises(SnapshotError, match="checksum"):
+        store.read_snapshot("sess_b", 1)  # ... the checksum on load does
+    b.unlink()
+    assert [sid for sid, _ in store.damaged_snapshots()] == ["sess_a", "sess_b"]
+    store.close()
+
+    (tmp_path / "streamkv.sqlite3").write_bytes(b"garbage" * 1000)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"streamkv.sqlite3{suffix}").unlink(missing_ok=True)
+    with pytest.raises(StoreError, match="damaged"):
+        Store(tmp_path)
