@@ -344,6 +344,11 @@ def load_mix(srv: "Server", seconds: float, clients: int, rng, model_name: str =
         sids = [create_session(h) for _ in range(clients)]
     acked = {sid: [] for sid in sids}
 
+    def backoff(r) -> None:
+        """A well-behaved client: on 429 it waits (up to a second) before its next request."""
+        if r.status_code == 429:
+            time.sleep(min(1.0, float(r.headers.get("retry-after", 1))))
+
     def count(code: int, what) -> None:
         with lock:
             statuses[f"{code // 100}xx" if code != 429 else "429"] = statuses.get(
@@ -364,6 +369,7 @@ def load_mix(srv: "Server", seconds: float, clients: int, rng, model_name: str =
                 if kind == "plain":
                     r = http.post("/v1/chat/completions", json=body)
                     count(r.status_code, (kind, r.text[:200]))
+                    backoff(r)
                     if r.status_code == 200:
                         acked[sid].append((text, r.json()["choices"][0]["message"]["content"]))
                         i += 1
@@ -371,6 +377,7 @@ def load_mix(srv: "Server", seconds: float, clients: int, rng, model_name: str =
                     pieces, done = [], False
                     with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
                         count(r.status_code, (kind, ""))
+                        backoff(r)
                         for line in r.iter_lines():
                             if line == "data: [DONE]":
                                 done = True
@@ -396,6 +403,7 @@ def load_mix(srv: "Server", seconds: float, clients: int, rng, model_name: str =
                     stateless = {k: v for k, v in body.items() if k != "session_id"}
                     r = http.post("/v1/chat/completions", json=stateless)
                     count(r.status_code, (kind, r.text[:200]))
+                    backoff(r)
             except httpx.HTTPError as e:
                 count(599, (kind, repr(e)))
         http.close()
