@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..config import ServerConfig
 from ..deps import Manager, Owner, Rt, Runtime
 from ..errors import BadRequest, Conflict, NotFound, ServerError, Unavailable, error_json
+from ..responses import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, TextChoice,
+                         TextCompletion, Usage)
 from ..schemas import ChatRequest, CompletionRequest, parse_body
 from ..sessions import Lease, SessionManager, Turn
 
@@ -209,20 +211,16 @@ async def chat_completions(request: Request, rt: Rt, owner: Owner, m: Manager):
             choices = []
         else:
             delta = {"role": "assistant", "content": ""} if piece is None else ({"content": piece} if piece else {})
-            choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
-               "system_fingerprint": None, "choices": choices, **extra}
+            choices = [ChunkChoice(delta=delta, finish_reason=finish_reason)]
+        out = ChatCompletionChunk(id=cid, created=created, model=cfg.model_name, choices=choices, **extra)
         if req.stream_options and req.stream_options.include_usage:
-            out["usage"] = usage_
-        return out
+            out.usage = usage_ and Usage(**usage_)  # null on every chunk but the last
+        return out.dump()
 
     def final(text, value):
         u, finish_reason = value
-        return {"id": cid, "object": "chat.completion", "created": created, "model": cfg.model_name,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                             "logprobs": None, "finish_reason": finish_reason}],
-                "usage": u, **extra}
+        return ChatCompletion(id=cid, created=created, model=cfg.model_name, usage=Usage(**u), **extra, choices=[
+            ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)]).dump()
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     response = respond(request, turn, req.stream, include_usage, chunk, final)
@@ -276,20 +274,16 @@ async def completions(request: Request, rt: Rt, owner: Owner, m: Manager):
     def chunk(piece, finish_reason=None, usage_=None):
         if piece is None and usage_ is None:
             return None  # completions streams have no role chunk
-        choices = [] if usage_ is not None else [
-            {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish_reason}]
-        out = {"id": cid, "object": "text_completion", "created": created, "model": cfg.model_name,
-               "system_fingerprint": None, "choices": choices, **extra}
+        choices = [] if usage_ is not None else [TextChoice(text=piece, finish_reason=finish_reason)]
+        out = TextCompletion(id=cid, created=created, model=cfg.model_name, choices=choices, **extra)
         if include_usage:
-            out["usage"] = usage_
-        return out
+            out.usage = usage_ and Usage(**usage_)
+        return out.dump()
 
     def final(text, value):
         u, finish_reason = value
-        return {"id": cid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-                "usage": u, **extra}
+        return TextCompletion(id=cid, created=created, model=cfg.model_name, usage=Usage(**u), **extra,
+                              choices=[TextChoice(text=text, finish_reason=finish_reason)]).dump()
 
     response = respond(request, turn, req.stream, include_usage, chunk, final)
     return response if req.stream else await response
