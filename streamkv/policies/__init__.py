@@ -40,7 +40,7 @@ def make_policy(name: str, model, **params):
     return POLICIES[name](model, **params)
 
 
-_STRING_PARAMS = {"placement", "store_dir"}
+STRING_PARAMS = {"placement", "store_dir"}
 
 
 def split_policy_list(text: str) -> list[str]:
@@ -72,7 +72,7 @@ def max_resident_tokens(name: str, params: dict) -> int | None:
         raise ValueError(f"policy {name!r} takes {', '.join(defaults) or 'no parameters'}; got unknown "
                          f"{', '.join(sorted(unknown))}")
     p = {**defaults, **params}
-    if any(not isinstance(v, int) or isinstance(v, bool) for k, v in p.items() if k not in _STRING_PARAMS):
+    if any(not isinstance(v, int) or isinstance(v, bool) for k, v in p.items() if k not in STRING_PARAMS):
         raise ValueError(f"policy {name!r} parameters must be integers, got {params}")
     if name == "dense":
         return None
@@ -93,7 +93,7 @@ def parse_policy_spec(spec: str) -> tuple[str, dict]:
         if not eq:
             raise ValueError(f"bad policy parameter {item!r} in {spec!r}; expected key=value")
         key = key.strip()
-        if key in _STRING_PARAMS:
+        if key in STRING_PARAMS:
             params[key] = value.strip()
             continue
         try:

@@ -19,13 +19,23 @@ from typing import Callable
 import psutil
 
 from ..models import kv_bytes_per_token
-from ..policies import make_policy, max_resident_tokens
+from ..policies import make_policy, max_resident_tokens, policy_params
 from .config import MIB, ServerConfig
 from .errors import BadRequest
 
+_MEMORY_DEFAULTS = policy_params("memory")
+SERVER_CHOSEN = {"store_dir"}  # policy parameters the server sets (a client must not pick a path on its disk)
+
 # Per-policy RAM held beyond the KV tier (bytes), for policies that keep evicted KV in memory. A policy
 # without an entry holds nothing else.
-EXTRA_RESIDENT_BYTES: dict[str, Callable[[object, dict], int]] = {}
+EXTRA_RESIDENT_BYTES: dict[str, Callable[[object, dict], int]] = {
+    # memory: its store's RAM tier (the cap, plus one chunk's blocks before the next step spills: counted as
+    # the same again as a margin would be a guess, so only the cap), and the index of representative keys,
+    # which grows with the store: reps/block of the keys in float16, bounded by the session's disk quota.
+    "memory": lambda model, p: p.get("ram_mb", _MEMORY_DEFAULTS["ram_mb"]) * MIB + (
+        ServerConfig().max_session_disk_bytes * p.get("reps", _MEMORY_DEFAULTS["reps"])
+        // (4 * p.get("block", _MEMORY_DEFAULTS["block"]))),
+}
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,10 @@ def check_policy(cfg: ServerConfig, model, name: str, params: dict) -> Price:
     if name not in cfg.allowed_policies:
         raise BadRequest(f"policy {name!r} is not served; choose one of: {', '.join(cfg.allowed_policies)}",
                          param="policy", code="policy_not_allowed")
+    chosen = SERVER_CHOSEN & set(params)
+    if chosen:
+        raise BadRequest(f"policy parameter {', '.join(sorted(chosen))} is set by the server, not by clients",
+                         param="policy", code="invalid_value")
     for key, limit in (("window", cfg.max_window), ("sinks", cfg.max_sinks)):
         value = params.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > limit:

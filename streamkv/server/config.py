@@ -32,7 +32,7 @@ class ServerConfig:
     default_temperature: float = 0.0
     min_temperature: float = 1e-3  # below it (but above 0) sampling overflows; 0 means greedy
     # what clients may choose for their sessions
-    allowed_policies: tuple[str, ...] = ("sink", "window")  # `recompute` costs a full forward per token
+    allowed_policies: tuple[str, ...] = ("sink", "window", "memory")  # `recompute` costs a full forward per token
     max_window: int = 65536  # range of the window parameter (the byte budgets below usually bind first)
     max_sinks: int = 64
     max_step_tokens: int = 256  # compute: tokens one decode step may run through the model (recompute: window+1)
@@ -44,7 +44,7 @@ class ServerConfig:
     max_waiters: int = 8
     # disk and quotas
     max_sessions_per_key: int = 1000
-    max_session_disk_bytes: int = 256 * MIB  # snapshot + turn log + transcript of one session
+    max_session_disk_bytes: int = 256 * MIB  # snapshot + turn log + transcript (+ memory store) of one session
     max_disk_bytes_per_key: int | None = None  # default: min(16 GiB, half the free disk)
     max_metadata_bytes: int = 4096  # a session's metadata, as JSON
     # shutdown

@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import torch
 
-from ..policies import parse_policy_spec
+from ..policies import STRING_PARAMS, parse_policy_spec
 from ..session import StreamSession
 from .admission import Price, check_policy, price
 from .config import ServerConfig
@@ -141,8 +141,10 @@ def parse_policy(spec: str | dict | None, default: tuple[str, dict]) -> tuple[st
         name = params.pop("name", None)
         if not isinstance(name, str):
             raise BadRequest("policy object needs a string 'name'", param="policy")
-        if any(not isinstance(v, int) or isinstance(v, bool) for v in params.values()):
-            raise BadRequest("policy parameters must be integers", param="policy")
+        if any(not isinstance(v, str) or len(v) > 256 if k in STRING_PARAMS else not isinstance(v, int) or isinstance(v, bool)
+               for k, v in params.items()):
+            raise BadRequest(f"policy parameters must be integers (strings for {', '.join(sorted(STRING_PARAMS))})",
+                             param="policy")
     else:
         raise BadRequest("policy must be a string like 'sink:sinks=4,window=1020' or an object", param="policy")
     return name, params
@@ -202,7 +204,11 @@ class SessionManager:
     async def run_io(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
 
-    def new_session(self, name: str, params: dict) -> ServerSession:
+    def new_session(self, name: str, params: dict, sid: str | None = None) -> ServerSession:
+        """A fresh session; a `memory` session keeps its block store in the data folder (memory/<sid>, deleted
+        with the session), or in a temporary folder for a stateless request."""
+        if name == "memory" and sid is not None:
+            params = {**params, "store_dir": str(self.store.memory_dir(sid))}
         return ServerSession(self.model, self.tokenizer, name, chunk_size=self.chunk_size, **params)
 
     def price(self, name: str, params: dict) -> Price:
@@ -266,7 +272,7 @@ class SessionManager:
                                  {"name": name, "params": params}, metadata)
         if system:
             # the system message lives in the session's transcript state; nothing is fed until the first turn
-            s = self.new_session(name, params)
+            s = self.new_session(name, params, sid)
             s.messages.append({"role": "system", "content": system})
             s.kind = "chat"
             state = {"session": s.state_dict(copy=True), "kind": s.kind}
@@ -366,7 +372,7 @@ class SessionManager:
         (then the snapshot is rewritten, so the next load is fast again)."""
         sid, version = meta["id"], meta["version"]
         name, params = meta["policy"]["name"], meta["policy"]["params"]
-        s = self.new_session(name, params)
+        s = self.new_session(name, params, sid)
         if version == 0:
             return s
         try:
@@ -387,14 +393,14 @@ class SessionManager:
                 s.mark_committed()
                 return s
             except (SnapshotError, KeyError, ValueError, RuntimeError, TypeError):
-                s = self.new_session(name, params)
+                s = self.new_session(name, params, sid)
         if [r["version"] for r in records] != list(range(1, version + 1)):
             log.error("session cannot be rebuilt", extra={"session_id": sid, "reason": reason})
             raise Conflict(f"session {sid} cannot be restored: its snapshot is unusable ({reason}) and its turn log "
                            "is incomplete (it predates turn logs); delete it", param="session_id",
                            code="session_unrecoverable")
         t0 = time.perf_counter()
-        s = self.new_session(name, params)
+        s = self.new_session(name, params, sid)
         s.replay(records)
         self.store.replace_snapshot(sid, version, {"session": s.state_dict(copy=True), "kind": s.kind})
         self.stats["rebuilds"] += 1
@@ -433,8 +439,10 @@ class SessionManager:
 
         def write():
             # compact copies of the kept tokens only: saving views would write the whole preallocated buffers
-            state = {"session": s.state_dict(copy=True), "kind": s.kind}
+            state = {"session": s.state_dict(copy=True), "kind": s.kind}  # (flushes a memory store to disk)
             size = self.store.write_snapshot(entry.sid, version, state)
+            if hasattr(s.policy, "store"):  # a memory session's block store counts in its disk quota
+                size += s.policy.store.disk_used()
             self.store.commit_turn(entry.sid, version, s.kind, s.policy.seen, rows, s.take_record(), size)
             del state
             trim_memory()

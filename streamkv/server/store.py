@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sqlite3
 import tempfile
 import threading
@@ -163,6 +164,13 @@ class Store:
             self.db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
         for f in self.snap_dir.glob(f"{sid}.*.pt"):
             f.unlink(missing_ok=True)
+        shutil.rmtree(self.dir / "memory" / sid, ignore_errors=True)
+
+    def memory_dir(self, sid: str) -> Path:
+        """The block store of a `memory` session (created on first use, private like the rest)."""
+        path = self.dir / "memory" / sid
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
 
     def turns(self, sid: str) -> list[dict]:
         with self._lock:
