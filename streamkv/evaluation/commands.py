@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from ..cli import add_load_args
 from ..policies import POLICIES, policy_params
 
 POLICY_HELP = (
@@ -62,8 +63,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help="Hugging Face id (already in the local cache) or local folder; default: the embedded SmolLM2-135M-Instruct")
     g.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: 2)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weight dtype (default: float32)")
+    add_load_args(g)  # --dtype, --quantize, --device: defined once, in streamkv/cli.py
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -86,11 +86,12 @@ def policy_window(policy) -> int | None:
 
 
 def load_model(args):
-    """Load the model named by --model/--dtype/--threads (a one-line error on failure)."""
+    """Load the model named by --model/--threads and the load flags (a one-line error on failure)."""
+    from ..cli import load_kwargs
     from ..models import load
 
     try:
-        return load(args.model, args.dtype, args.threads)
+        return load(args.model, threads=args.threads, **load_kwargs(args))
     except (FileNotFoundError, ValueError) as e:
         raise EvalError(f"cannot load model: {e}") from None
 
@@ -137,6 +138,8 @@ def header(command: str, args, model=None) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": getattr(model, "streamkv_name", getattr(args, "model", None)) if model is not None else getattr(args, "model", None),
         "dtype": getattr(args, "dtype", None),
+        "quantize": getattr(model, "streamkv_quantization", None) if model is not None else getattr(args, "quantize", None),
+        "device": str(model.device) if model is not None else getattr(args, "device", None),
         "machine": machine_info(getattr(args, "threads", None)),
     }
     return h

@@ -48,7 +48,7 @@ def tokenize_file(tokenizer, path: str, n_tokens: int = 0) -> list[int]:
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(logits.float().cpu(), dim=-1)  # scored on the CPU whatever the model's device
     return (-logp.gather(1, targets.view(-1, 1)).squeeze(1)).numpy().astype(np.float64)
 
 
@@ -92,7 +92,7 @@ def recompute_nll_at(model, ids: list[int], window: int, positions: np.ndarray, 
         policy = Recompute(model, window=window)
         policy.ids = torch.tensor(ids[max(0, t - 1 - window) : t - 1], dtype=torch.long)
         policy.seen = t - 1
-        logits = policy.forward(model, torch.tensor([[ids[t - 1]]]), all_logits=False).float()
+        logits = policy.forward(model, torch.tensor([[ids[t - 1]]], device=model.device), all_logits=False).float()
         out[i] = _nll(logits, torch.tensor([ids[t]]))[0]
     return out
 
