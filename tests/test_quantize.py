@@ -152,18 +152,18 @@ def _run(*args):
 
 
 def test_cli_flags(tiny_folder, tmp_path):
-    r = _run("info", "--model", str(tiny_folder), "--quantize", "int4")
+    r = _run("info", "--model", str(tiny_folder), "--quantize", "int4", "--threads", "1")
     assert r.returncode == 0, r.stderr
     assert "int4, groups of 32: 15 linear layers" in r.stdout and "output head int8" in r.stdout
     if not torch.cuda.is_available():
-        r = _run("generate", "--model", str(tiny_folder), "--prompt", "x", "--device", "cuda")
+        r = _run("generate", "--model", str(tiny_folder), "--prompt", "x", "--device", "cuda", "--threads", "1")
         assert r.returncode == 2 and "device 'cuda' was asked for" in r.stderr and "Traceback" not in r.stderr
     # the evaluation commands take the same flags and record them
     out = tmp_path / "ppl.json"
     text = tmp_path / "t.txt"
     text.write_text("The grass is green. The sky is blue. " * 20)
     r = _run("eval", "ppl", "--model", str(tiny_folder), "--text", str(text), "--policy", "sink:sinks=4,window=60",
-             "--quantize", "int8", "--out", str(out), "--plot", "", "--quiet")
+             "--quantize", "int8", "--threads", "1", "--out", str(out), "--plot", "", "--quiet")
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["quantize"]["mode"] == "int8" and res["device"] == "cpu" and res["policies"][0]["ppl"] > 1

@@ -1,0 +1,163 @@
+"""Decode ms/token and prefill tokens/s for float32 vs bfloat16 vs int8 vs int4 weights (issue 10 figures).
+
+Each setting runs in its own fresh process (in one process, torch's OpenMP thread pools of earlier runs
+interfere with later ones) and the settings are alternated for --rounds rounds, in a rotated order each
+round, so slow phases of a shared machine hit every setting. A child loads the embedded model with the
+setting, warms up (one 600-token feed and 4 steps in a throwaway session: kernel JIT, first touch),
+streams generated filler text through a `sink` cache (sinks=4, window=1020: 1,024 kept tokens) in
+512-token chunks up to --position (prefill tokens/s), then times --steps single-token decode steps there
+(teacher-forced: the same work as sampling without the sampler). The JSON records lscpu (CPU model and
+flags), torch version, threads and the load average around every child.
+
+    nice -n 10 python benchmarks/quant_decode.py --rounds 3 --out docs/results/quant_decode.json \\
+        --plot docs/results/quant_decode.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {  # label -> models.load keyword arguments
+    "float32": {"dtype": "float32", "quantize": "none"},
+    "bfloat16": {"dtype": "bfloat16", "quantize": "none"},
+    "int8": {"dtype": "float32", "quantize": "int8"},
+    "int4": {"dtype": "float32", "quantize": "int4"},
+}
+
+
+def child(args) -> dict:
+    import torch
+
+    from streamkv.evaluation.passkey import filler_text
+    from streamkv.models import load
+    from streamkv.session import StreamSession
+
+    model, tok = load(None, threads=args.threads, **SETTINGS[args.child])
+    ids = torch.tensor(filler_text(tok, args.position + args.steps + 1), dtype=torch.long)
+    with torch.inference_mode():
+        warm = StreamSession(model, tok, "sink", sinks=4, window=1020, chunk_size=512)
+        warm.feed(ids[:600])  # first calls JIT oneDNN kernels and touch fresh memory: not what we measure
+        for i in range(600, 604):
+            warm.feed(ids[i : i + 1])
+        del warm
+        session = StreamSession(model, tok, "sink", sinks=4, window=1020, chunk_size=512)
+        t0 = time.perf_counter()
+        session.feed(ids[: args.position])
+        prefill_s = time.perf_counter() - t0
+        times = []
+        for i in range(args.position, args.position + args.steps):
+            t0 = time.perf_counter()
+            session.feed(ids[i : i + 1])
+            times.append(time.perf_counter() - t0)
+    q = getattr(model, "streamkv_quantization", {})
+    return {"setting": args.child, **SETTINGS[args.child], "threads": torch.get_num_threads(),
+            "position": args.position, "tokens_cached": session.stats()["tokens_cached"],
+            "prefill_tokens": args.position, "prefill_seconds": prefill_s,
+            "prefill_tokens_per_second": args.position / prefill_s,
+            "decode_ms": [1000 * t for t in times], "decode_ms_median": 1000 * statistics.median(times),
+            "decode_ms_mean": 1000 * statistics.fmean(times), "weight_bytes": q.get("weight_bytes"),
+            "quantization": q}
+
+
+def lscpu() -> dict:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return {}
+    rows = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    keep = ("Model name", "CPU(s)", "Thread(s) per core", "L2 cache", "L3 cache", "Hypervisor vendor", "Flags")
+    return {k: rows[k].strip() for k in keep if k in rows}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(result["summary"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, label in enumerate(labels):
+        runs = [r for r in result["runs"] if r["setting"] == label]
+        s = result["summary"][label]
+        a.bar(i, s["decode_ms_median"], color="C0")
+        a.plot([i] * len(runs), [r["decode_ms_median"] for r in runs], "k.", ms=6)
+        b.bar(i, s["prefill_tokens_per_second"], color="C1")
+        b.plot([i] * len(runs), [r["prefill_tokens_per_second"] for r in runs], "k.", ms=6)
+    for ax, title in ((a, f"decode ms/token, sink 1,024 kept, position {result['position']}"),
+                      (b, "prefill tokens/s (512-token chunks)")):
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_title(title, fontsize=9)
+    cpu = result["machine"]["lscpu"].get("Model name", "?")
+    fig.suptitle(f"SmolLM2-135M, {cpu}, {result['threads']} threads; bar = median over rounds, dots = rounds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of " + ", ".join(SETTINGS))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--position", type=int, default=2048, help="stream position of the decode steps")
+    p.add_argument("--steps", type=int, default=64, help="decode steps timed per run")
+    p.add_argument("--out", default="quant_decode.json")
+    p.add_argument("--plot", default="", help="PNG (optional)")
+    p.add_argument("--child", choices=list(SETTINGS), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    import torch
+    import transformers
+
+    settings = [s for s in args.settings.split(",") if s]
+    result = {"command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "threads": args.threads, "position": args.position, "steps": args.steps, "rounds": args.rounds,
+              "cache": "sink, sinks=4, window=1020 (1,024 kept tokens)",
+              "machine": {"lscpu": lscpu(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                          "transformers": transformers.__version__,
+                          "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+              "runs": []}
+    for r in range(args.rounds):
+        order = settings[r % len(settings):] + settings[: r % len(settings)]  # rotate who goes first
+        for label in order:
+            load0 = os.getloadavg()[0]
+            cmd = [sys.executable, __file__, "--child", label, "--threads", str(args.threads),
+                   "--position", str(args.position), "--steps", str(args.steps)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            run = json.loads(out.strip().splitlines()[-1])
+            run.update(round=r, loadavg1_before=load0, loadavg1_after=os.getloadavg()[0])
+            result["runs"].append(run)
+            print(f"round {r} {label}: decode {run['decode_ms_median']:.1f} ms/token, prefill "
+                  f"{run['prefill_tokens_per_second']:.0f} tok/s (load {load0:.1f})", file=sys.stderr, flush=True)
+    result["summary"] = {}
+    for label in settings:
+        runs = [x for x in result["runs"] if x["setting"] == label]
+        result["summary"][label] = {
+            "decode_ms_median": statistics.median(x["decode_ms_median"] for x in runs),
+            "decode_ms_min_of_rounds": min(x["decode_ms_median"] for x in runs),
+            "prefill_tokens_per_second": statistics.median(x["prefill_tokens_per_second"] for x in runs),
+            "weight_bytes": runs[0]["weight_bytes"],
+        }
+    base = result["summary"].get("float32")
+    if base:
+        for s in result["summary"].values():
+            s["decode_speedup_vs_float32"] = base["decode_ms_median"] / s["decode_ms_median"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if args.plot:
+        plot(result, args.plot)
+        result["plot"] = args.plot
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
