@@ -231,7 +231,7 @@ def cmd_demo(args) -> int:
     from .session import StreamSession
 
     t0 = time.perf_counter()
-    model, tok = load(args.model, dtype=args.dtype, threads=args.threads)
+    model, tok = load(args.model, threads=args.threads, **load_kwargs(args))
     code = "48213"
     fact = tok(DEMO_FACT.format(code=code) + "\n", add_special_tokens=False).input_ids
     ids = fact + tok(demo_text(args.tokens), add_special_tokens=False).input_ids[: max(0, args.tokens - len(fact))]

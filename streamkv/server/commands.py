@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import add_load_args, load_kwargs
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName", "color_message"}
 
@@ -67,7 +69,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "SmolLM2-135M-Instruct)")
     g.add_argument("--served-model-name", default=None, help="model id clients send and /v1/models lists "
                    "(default: 'embedded', or the folder name of --model)")
-    g.add_argument("--dtype", default=D.dtype, choices=["float32", "bfloat16", "float16"])
+    add_load_args(g)  # --dtype, --quantize, --device: defined once, in cli.py
     g.add_argument("--threads", type=_positive, default=D.threads, help="torch intra-op threads")
     g.add_argument("--workers", type=_positive, default=D.workers,
                    help="generation worker threads; sessions interleave token by token on them")
@@ -154,7 +156,7 @@ def config_from_args(args):
     else:
         name = Path(args.model.rstrip("/")).name or args.model
     return ServerConfig(
-        model=args.model, model_name=name, dtype=args.dtype, threads=args.threads, data_dir=args.data_dir,
+        model=args.model, model_name=name, **load_kwargs(args), threads=args.threads, data_dir=args.data_dir,
         host=args.host, port=args.port, api_keys=read_keys(args), allowed_hosts=list(args.allowed_host or []),
         cors_origins=list(args.cors_origin or []), policy=args.policy, max_resident=args.max_resident_sessions,
         max_cache_bytes=mb(args.max_cache_mb), max_session_bytes=mb(args.max_session_mb),

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..models import DEFAULT_DEVICE, DEFAULT_DTYPE
+from ..quantize import QUANTIZE_MODES
+
 MIB = 1 << 20
 
 
@@ -13,7 +16,9 @@ class ServerConfig:
     # model
     model: str | None = None
     model_name: str = "embedded"  # the id clients pass as `model` and /v1/models lists
-    dtype: str = "float32"
+    dtype: str = DEFAULT_DTYPE
+    quantize: str = QUANTIZE_MODES[0]  # weight-only int8/int4 of the linears (see streamkv/quantize.py)
+    device: str = DEFAULT_DEVICE
     threads: int = 2
     workers: int = 1
     chunk_size: int = 512
