@@ -170,7 +170,7 @@ def cmd_info(args) -> int:
     kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     head_dim = rope.head_dim
     bytes_per_token = kv_bytes_per_token(model)
-    budget = getattr(session.policy, "budget", None)
+    budget = getattr(session.policy, "max_resident", getattr(session.policy, "budget", None))  # memory: + fetched blocks
     rows = [
         ("model", f"{session.model.streamkv_name} ({resolve(args.model)})"),
         ("architecture", f"{cfg.model_type}: {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query / {kv_heads} KV heads, head_dim {head_dim}"),
@@ -181,7 +181,11 @@ def cmd_info(args) -> int:
         ("policy", ", ".join(f"{k}={v}" for k, v in session.policy.describe().items())),
         ("KV per token", f"{bytes_per_token / 1024:.1f} KiB"),
         ("KV cache bound", "none (grows with the stream)" if budget is None or session.policy.name == "dense"
-         else f"{(budget + 1) * bytes_per_token / 2**20:.1f} MiB for {budget} kept tokens (+ the chunk being fed)"),
+         else f"{(budget + 1) * bytes_per_token / 2**20:.1f} MiB for {budget} attended tokens (+ the chunk being fed)"),
+        *([("memory store", f"evicted KV in RAM up to {session.policy.ram_mb} MiB, then on disk ({bytes_per_token / 1024:.1f} KiB "
+                            f"per evicted token) in {session.policy.store.directory}; index "
+                            f"{session.policy.index_bytes_per_token():.0f} B per token stays in RAM")]
+          if hasattr(session.policy, "store") else []),
         ("load time", f"{secs:.2f} s"),
         ("process RSS", f"{_rss_mb():.0f} MiB"),
         ("threads", str(torch.get_num_threads())),

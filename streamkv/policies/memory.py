@@ -66,6 +66,7 @@ class MemoryCache(StreamingCache):
         self.ram_mb, self.store_dir = ram_mb, store_dir
         self.reserved = topk * block if placement == "contiguous" else 1
         super().__init__(model, budget=sinks + window + block - 1, sinks=sinks)
+        self.model_config = model.config.get_text_config()
         self.store = BlockStore(store_dir, ram_mb * 2**20, tag=uuid.uuid4().hex)
         self.index: list[torch.Tensor | None] = []  # per layer: representatives [n_blocks, H, reps, D] at position 0
         self._fetched: dict[int, tuple] = {}  # per layer: (block ids, keys [1,H,G,D] at canonical places, values)
@@ -192,6 +193,12 @@ class MemoryCache(StreamingCache):
     def nbytes(self) -> int:
         fetched = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for _, k, v in self._fetched.values())
         return super().nbytes() + fetched
+
+    def index_bytes_per_token(self) -> float:
+        """RAM the index of representatives costs per evicted token (float16, `reps` keys per block)."""
+        cfg = self.model_config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        return 2 * self.n_layers * kv_heads * self.rope.head_dim * self.reps / self.block
 
     def index_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.index if t is not None)
