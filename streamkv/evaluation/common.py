@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..policies import POLICIES, make_policy, parse_policy_spec, policy_params, split_policy_list  # noqa: F401 (re-exported)
+from ..policies import check_policy_name, make_policy, parse_policy_spec, policy_params, split_policy_list  # noqa: F401 (re-exported)
 
 
 class EvalError(ValueError):
@@ -59,15 +59,9 @@ def parse_policies(values: list[str] | str | None, default: str = "sink") -> lis
         for spec in specs:
             try:
                 name, params = parse_policy_spec(spec)
+                check_policy_name(name, params)
             except ValueError as e:
                 raise EvalError(str(e)) from None
-            if name not in POLICIES:
-                raise EvalError(f"unknown policy {name!r}; choose from: {', '.join(POLICIES)}")
-            allowed = policy_params(name)
-            unknown = set(params) - set(allowed)
-            if unknown:
-                raise EvalError(f"policy {name!r} takes {', '.join(allowed) or 'no parameters'}; "
-                                f"got unknown {', '.join(sorted(unknown))}")
             bad = {k: v for k, v in params.items() if isinstance(v, int) and v < 0}
             if bad:
                 raise EvalError(f"policy parameters must be non-negative: {bad}")

@@ -27,8 +27,9 @@ def policy_params(name: str) -> dict:
     return {p: v.default for p, v in sig.parameters.items() if p not in ("self", "model")}
 
 
-def make_policy(name: str, model, **params):
-    """Build the policy `name` for `model`. Unknown names or parameters raise ValueError saying what exists."""
+def check_policy_name(name: str, params: dict) -> dict:
+    """The one check of a policy's name and parameter names (values are each policy's own to check).
+    Returns its parameters with their defaults; ValueError saying what exists otherwise."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
     allowed = policy_params(name)
@@ -37,6 +38,12 @@ def make_policy(name: str, model, **params):
         raise ValueError(
             f"policy {name!r} takes {', '.join(allowed) or 'no parameters'}; got unknown {', '.join(sorted(unknown))}"
         )
+    return allowed
+
+
+def make_policy(name: str, model, **params):
+    """Build the policy `name` for `model`. Unknown names or parameters raise ValueError saying what exists."""
+    check_policy_name(name, params)
     return POLICIES[name](model, **params)
 
 
@@ -64,14 +71,7 @@ def max_resident_tokens(name: str, params: dict) -> int | None:
     pristine sink copies, counted as whole tokens), from its parameters alone: a server prices a session
     with it before building anything. None = unbounded (`dense`). Raises ValueError for unknown names or
     parameters and for non-integer values."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
-    defaults = policy_params(name)
-    unknown = set(params) - set(defaults)
-    if unknown:
-        raise ValueError(f"policy {name!r} takes {', '.join(defaults) or 'no parameters'}; got unknown "
-                         f"{', '.join(sorted(unknown))}")
-    p = {**defaults, **params}
+    p = {**check_policy_name(name, params), **params}
     if any(not isinstance(v, int) or isinstance(v, bool) for k, v in p.items() if k not in STRING_PARAMS):
         raise ValueError(f"policy {name!r} parameters must be integers, got {params}")
     if name == "dense":
@@ -104,4 +104,4 @@ def parse_policy_spec(spec: str) -> tuple[str, dict]:
 
 
 __all__ = ["POLICIES", "StreamingCache", "DenseCache", "MemoryCache", "WindowCache", "SinkCache", "Recompute", "make_policy",
-           "parse_policy_spec", "policy_params", "split_policy_list"]
+           "parse_policy_spec", "policy_params", "split_policy_list", "check_policy_name"]
