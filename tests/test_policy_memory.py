@@ -16,12 +16,13 @@ torch.set_grad_enabled(False)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("chunks", [[1], [7, 1, 1, 13, 1, 30]], ids=["token-by-token", "chunked"])
 def test_retrieving_every_block_equals_dense(arch, chunks):
-    """K*B >= every evicted token: all blocks come back in stream order, contiguously between sinks and
-    window, so the cache attends what dense does at the same distances."""
+    """K*B >= every evicted token, contiguous placement: all blocks come back in stream order, contiguously
+    between sinks and window, so the cache attends what dense does at the same distances."""
     model = make_tiny(arch, layers=2)
     ids = random_ids(260)
     reference = model(ids).logits[0]
-    cache = make_policy("memory", model, sinks=3, window=20, block=8, topk=40, reps=2, ram_mb=0)  # ram 0: via disk
+    cache = make_policy("memory", model, sinks=3, window=20, block=8, topk=40, reps=2, ram_mb=0,  # ram 0: via disk
+                        placement="contiguous")
     got = stream(model, cache, ids, chunks)
     assert (got - reference).abs().max().item() < 1e-4
     assert cache.store.n_blocks == (260 - 3 - 20) // 8 and cache.store.stats()["reads_disk"] > 0
@@ -32,7 +33,7 @@ def test_generate_with_memory_equals_dense():
     prompt = random_ids(12, seed=1)
     kwargs = dict(max_new_tokens=60, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
     dense = model.generate(prompt, **kwargs)
-    out = model.generate(prompt, past_key_values=make_policy("memory", model, sinks=2, window=10, block=4, topk=30), **kwargs)
+    out = model.generate(prompt, past_key_values=make_policy("memory", model, sinks=2, window=10, block=4, topk=30, placement="contiguous"), **kwargs)
     assert torch.equal(out.sequences, dense.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(out.logits, dense.logits)) < 1e-4
 

@@ -17,15 +17,21 @@ How a step works (see `attend`):
 3. At every step (each prefill chunk, each decoded token) every layer scores the blocks with its current
    queries (mean query of the chunk, per query head, max over a block's representatives, summed over heads:
    one choice shared by the heads of a layer, as InfLLM) and takes the top K, in stream order.
-4. Placement by place: the retrieved tokens are attended as if they sat contiguously between the sinks and
-   the window (the base reserves `gap()` positions; sinks move before it). Their keys are rotated once, from
-   the store's copy, to positions 0..G-1 and the *query* is rotated by G - window_start for that part: RoPE
-   is relative, so this equals re-rotating every retrieved key every step, at the cost of one query
-   rotation. With `placement="fixed"` every retrieved token sits at one position right before the window
-   (InfLLM's choice) instead.
+4. Placement by place, between the sinks and the window (the base reserves `gap()` positions; sinks move
+   before it), in one of two ways. Retrieved keys are rotated once, from the store's copy, to canonical
+   positions, and the *query* is rotated for that part: RoPE is relative, so this equals re-rotating every
+   retrieved key every step, at the cost of one query rotation.
+   * `fixed` (default, InfLLM's choice): every retrieved token at one position, right before the window.
+   * `contiguous`: retrieved tokens laid out in stream order over K*B positions (keys at 0..G-1, query
+     rotated by G - window_start), as if they had never left the cache.
+   Measured on the passkey prompt (embedded SmolLM2-135M, 1 trial per cell, docs/RESULTS.md section 6):
+   at 8k (depths .1/.5/.9) fixed 3/3, contiguous 2/3; at 16k (depths .1-.9) fixed 4/5, contiguous 3/5;
+   contiguous at 32k 4/5. Fixed wins where both ran (7/8 vs 5/8), so it is the default; the samples are
+   small and the difference may not hold on other models.
 
-Exactness: with K*B at least the evicted tokens every block is retrieved, in order, contiguously: the cache
-then attends exactly what a dense cache does at the same distances (tests: equals `dense` to 1e-4). On one
+Exactness: with `contiguous` placement and K*B at least the evicted tokens, every block is retrieved, in
+order, contiguously: the cache then attends exactly what a dense cache does at the same distances (tests:
+equals `dense` to 1e-4). On one
 layer every step equals a fresh forward over sinks + retrieved blocks + window + new tokens at contiguous
 positions (`last_context()` says which).
 """
@@ -53,7 +59,7 @@ class MemoryCache(StreamingCache):
     keeps_evicted = True
 
     def __init__(self, model, sinks: int = 4, window: int = 768, block: int = 64, topk: int = 16, reps: int = 2,
-                 ram_mb: int = 256, store_dir: str | None = None, placement: str = "contiguous"):
+                 ram_mb: int = 256, store_dir: str | None = None, placement: str = "fixed"):
         for n, v in (("window", window), ("block", block), ("topk", topk), ("reps", reps)):
             _positive(n, v)
         if not isinstance(ram_mb, int) or isinstance(ram_mb, bool) or ram_mb < 0:
@@ -204,7 +210,7 @@ class MemoryCache(StreamingCache):
         return sum(t.numel() * t.element_size() for t in self.index if t is not None)
 
     def memory_stats(self) -> dict:
-        return {"resident_tokens": self.n_kept + self.gap(), "index_bytes": self.index_bytes(),
+        return {"resident_tokens": self.n_kept + self._n_retrieved() * self.block, "index_bytes": self.index_bytes(),
                 "retrieval_reused": self.hits["reused"], "retrieval_fetched": self.hits["fetched"], **self.store.stats()}
 
     def describe(self) -> dict:
