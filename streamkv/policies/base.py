@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..attention import set_hook, use_streamkv_attention
 from ..rope import RopeSpec, UnsupportedModelError, rope_for
 
 
@@ -85,7 +86,6 @@ class _Plan:
     evict_src: torch.Tensor | None = None  # tokens evicted after this step: slots (decode) or cat indices (chunk)
     evict_seq: torch.Tensor | None = None  # ... their stream indices (ascending) ...
     evict_pos: torch.Tensor | None = None  # ... and the positions their keys are rotated at
-    p0: int = 0  # position of the first new token
     window_start: int = 0  # position of the oldest kept unpinned token (the gap ends right before it)
     gap: int = 0  # positions reserved between the pinned tokens and the window
 
@@ -239,8 +239,6 @@ class StreamingCache(Cache):
         self._plan: _Plan | None = None
         self._first_layer: int | None = None
         if hasattr(self, "attend"):
-            from ..attention import use_streamkv_attention
-
             use_streamkv_attention(model)
         self._attended: set[int] = set()  # layers whose attention went through `attend` this step
 
@@ -305,8 +303,6 @@ class StreamingCache(Cache):
             self.layers.append(StreamingLayer(self.observe))
         keys, values = self.layers[layer_idx].apply(key_states, value_states, self._plan, self.rope, self.sinks)
         if hasattr(self, "attend"):
-            from ..attention import set_hook
-
             set_hook(keys, lambda module, query, k, v, scaling: self._attend_layer(layer_idx, module, query, k, v, scaling))
         return keys, values
 
@@ -379,7 +375,7 @@ class StreamingCache(Cache):
         self.next_pos = p0 + q
         cs = self.rope.cos_sin
         plan = _Plan(self.seq.numel(), rot_slots, cs(rot_delta), pin_slots, pin_idx, cs(pin_delta), new_pins)
-        plan.p0, plan.gap = p0, gap
+        plan.gap = gap
         plan.window_start = p0 - n_kept + int(pinned.sum())
 
         holes = (used < 0).nonzero().squeeze(1)

@@ -1,8 +1,10 @@
 """Where the `memory` policy puts evicted context: blocks of B tokens in RAM (LRU, byte cap), then on disk.
 
 A block is the keys and values of the same B consecutive stream tokens in *every* layer (the shared slot table
-evicts the same tokens from all layers at once), stored as computed: each key still rotated at the position
-recorded in `pos`, so fetching re-rotates it once from this copy and never from a previous re-rotation.
+evicts the same tokens from all layers at once), stored as they sat in the window: each key rotated at the
+position recorded in `pos` (the one the model computed it at, or, if a position restart happened while it
+was in the window, that position moved once by the restart's shift). Fetching rotates from this stored copy,
+never from a fetched one, so rounding cannot accumulate however often a block comes back.
 
 Tiers:
 * RAM: an LRU of whole blocks capped at `ram_bytes`. New blocks land here; the cap is enforced when the next

@@ -15,8 +15,8 @@ How a step works (see `attend`):
    per token (SmolLM2-135M with the defaults: 360 B per token, 360 MB per million tokens). The default
    density, 2 per 64-token block, is InfLLM's (4 per 128).
 3. At every step (each prefill chunk, each decoded token) every layer scores the blocks with its current
-   queries (mean query of the chunk, per query head, max over a block's representatives, summed over heads:
-   one choice shared by the heads of a layer, as InfLLM) and takes the top K, in stream order.
+   queries (mean of the step's last 16 queries, per query head, max over a block's representatives, summed
+   over heads: one choice shared by the heads of a layer, as InfLLM) and takes the top K, in stream order.
 4. Placement by place, between the sinks and the window (the base reserves `gap()` positions; sinks move
    before it), in one of two ways. Retrieved keys are rotated once, from the store's copy, to canonical
    positions, and the *query* is rotated for that part: RoPE is relative, so this equals re-rotating every
@@ -33,7 +33,7 @@ Exactness: with `contiguous` placement and K*B at least the evicted tokens, ever
 order, contiguously: the cache then attends exactly what a dense cache does at the same distances (tests:
 equals `dense` to 1e-4). On one
 layer every step equals a fresh forward over sinks + retrieved blocks + window + new tokens at contiguous
-positions (`last_context()` says which).
+positions (`retrieved[layer]` says which blocks it attended at the last step).
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ from .base import StreamingCache
 from .blockstore import BlockStore
 
 PLACEMENTS = ("contiguous", "fixed")
+SCORING_QUERIES = 16  # blocks are chosen with the mean of a step's last 16 queries (see `_select`)
 
 
 def _positive(name, value):
@@ -132,12 +133,19 @@ class MemoryCache(StreamingCache):
         return out
 
     def _select(self, layer_idx: int, query: torch.Tensor, plan) -> list[int]:
-        """The K blocks whose representatives best match this step's queries (ascending block ids)."""
+        """The K blocks whose representatives best match this step's last `SCORING_QUERIES` queries
+        (ascending block ids).
+
+        Why the last few and not the whole chunk (InfLLM averages the chunk): the prediction that matters
+        next comes from the last tokens, and the mean over a 512-token prefill chunk is dominated by what
+        the chunk is mostly about. Measured on the passkey prompts that missed with the chunk mean (embedded
+        SmolLM2-135M): with the last 16, 5 of those 6 were answered (16k depths .5/.7/.9, 32k .5, 8k .5)."""
         n_blocks, k = self.store.n_blocks, self._n_retrieved()
         if n_blocks <= k:
             return list(range(n_blocks))
         reps = self.index[layer_idx][:n_blocks]  # [n, H, r, D] at position 0
         hkv = reps.shape[1]
+        query = query[:, :, -SCORING_QUERIES:]  # [1, Hq, <=16, D]
         # the queries, moved so that position 0 (the representatives) sits mid-way in the gap
         qbar = self.rope.rotate(query, plan.gap // 2 - plan.window_start).mean(dim=2)[0]  # [Hq, D]
         qbar = qbar.view(hkv, -1, qbar.shape[-1])  # [Hkv, g, D]
@@ -188,14 +196,6 @@ class MemoryCache(StreamingCache):
         self.index[layer_idx] = idx
 
     # ---- introspection ------------------------------------------------------------------------------
-    def last_context(self, layer_idx: int = 0) -> list[int]:
-        """Stream indices attended at the last step by `layer_idx`, in the order they were placed: sinks,
-        retrieved blocks, window (the new tokens follow)."""
-        kept = sorted(int(s) for s in self.seq[: self.n_used] if s >= 0)
-        sinks = [s for s in kept if s < self.sinks]
-        blocks = [t for b in self.retrieved.get(layer_idx, []) for t in range(self.sinks + b * self.block, self.sinks + (b + 1) * self.block)]
-        return sinks, blocks
-
     def nbytes(self) -> int:
         fetched = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for _, k, v in self._fetched.values())
         return super().nbytes() + fetched
