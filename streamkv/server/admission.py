@@ -6,7 +6,7 @@ asking for a 20-million-token window is refused with a 400 naming the limit, not
 OOM killer one turn later.
 
     resident bytes = max_resident_tokens(policy) * kv_bytes_per_token(model)   (the KV tier)
-                   + EXTRA_RESIDENT_BYTES[policy](model, params)               (other RAM tiers, e.g. a block store)
+                   + EXTRA_RESIDENT_BYTES[policy](model, params, cfg)          (other RAM tiers, e.g. a block store)
                    + vocab * 4                                                 (the next-token logits)
 """
 from __future__ import annotations
@@ -28,12 +28,12 @@ SERVER_CHOSEN = {"store_dir"}  # policy parameters the server sets (a client mus
 
 # Per-policy RAM held beyond the KV tier (bytes), for policies that keep evicted KV in memory. A policy
 # without an entry holds nothing else.
-EXTRA_RESIDENT_BYTES: dict[str, Callable[[object, dict], int]] = {
-    # memory: its store's RAM tier (the cap, plus one chunk's blocks before the next step spills: counted as
-    # the same again as a margin would be a guess, so only the cap), and the index of representative keys,
-    # which grows with the store: reps/block of the keys in float16, bounded by the session's disk quota.
-    "memory": lambda model, p: p.get("ram_mb", _MEMORY_DEFAULTS["ram_mb"]) * MIB + (
-        ServerConfig().max_session_disk_bytes * p.get("reps", _MEMORY_DEFAULTS["reps"])
+EXTRA_RESIDENT_BYTES: dict[str, Callable[[object, dict, ServerConfig], int]] = {
+    # memory: its store's RAM tier (the cap; between steps it may hold one chunk's blocks more, not priced)
+    # and the index of representative keys, which grows with the store: reps/block of the keys in float16
+    # (a quarter of float32 K+V per `reps` per `block`), bounded by this server's per-session disk quota.
+    "memory": lambda model, p, cfg: p.get("ram_mb", _MEMORY_DEFAULTS["ram_mb"]) * MIB + (
+        cfg.max_session_disk_bytes * p.get("reps", _MEMORY_DEFAULTS["reps"])
         // (4 * p.get("block", _MEMORY_DEFAULTS["block"]))),
 }
 
@@ -50,11 +50,11 @@ class Price:
         return self.kv_bytes + self.extra_bytes + self.logits_bytes
 
 
-def price(model, name: str, params: dict) -> Price:
+def price(model, name: str, params: dict, cfg: ServerConfig) -> Price:
     tokens = max_resident_tokens(name, params)  # ValueError for unknown policies/parameters
     if tokens is None:
         raise ValueError(f"policy {name!r} keeps every token: its memory is unbounded")
-    extra = EXTRA_RESIDENT_BYTES.get(name, lambda m, p: 0)(model, params)
+    extra = EXTRA_RESIDENT_BYTES.get(name, lambda m, p, c: 0)(model, params, cfg)
     step = params.get("window", 1024) + 1 if name == "recompute" else 1
     return Price(tokens * kv_bytes_per_token(model), extra, model.config.vocab_size * 4, step)
 
@@ -92,7 +92,7 @@ def check_policy(cfg: ServerConfig, model, name: str, params: dict) -> Price:
             raise BadRequest(f"policy {key}={value} is above this server's limit of {limit} (--max-{key})",
                              param="policy", code="policy_limit")
     try:
-        p = price(model, name, params)
+        p = price(model, name, params, cfg)
     except ValueError as e:
         raise BadRequest(str(e), param="policy", code="invalid_value") from None
     if p.resident_bytes > cfg.max_session_bytes:

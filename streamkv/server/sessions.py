@@ -212,7 +212,7 @@ class SessionManager:
         return ServerSession(self.model, self.tokenizer, name, chunk_size=self.chunk_size, **params)
 
     def price(self, name: str, params: dict) -> Price:
-        return price(self.model, name, params)
+        return price(self.model, name, params, self.cfg)
 
     def check_policy(self, name: str, params: dict, allow_any: bool = False) -> Price:
         """Admission of a session's policy (see admission.py). The operator's --policy may be a policy that
