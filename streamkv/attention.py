@@ -85,15 +85,15 @@ def attend_parts(query: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tens
 
 
 def received_attention(query: torch.Tensor, keys: torch.Tensor, n_new: int, scaling: float, total_lse: torch.Tensor,
-                       max_rows: int = 64) -> torch.Tensor:
+                       max_rows: int | None = 64) -> torch.Tensor:
     """The attention each of `keys` [1, Hkv, n, D] received from the queries, summed over the query heads of its
     KV head: [Hkv, n]. The probabilities are exact (normalised by the full log-sum-exp of every part); for a
     long chunk only `max_rows` evenly spaced queries are summed (an estimate, 1/8 of the cost at 512 tokens:
-    it only ranks tokens of one block against each other). The last `n_new` keys are the new tokens (causal)."""
+    enough to rank tokens of one block against each other; None sums every query, as H2O needs). The last `n_new` keys are the new tokens (causal)."""
     b, hq, q, d = query.shape
     hkv = keys.shape[1]
     g = hq // hkv
-    rows = torch.arange(q) if q <= max_rows else torch.linspace(0, q - 1, max_rows).round().long()
+    rows = torch.arange(q) if max_rows is None or q <= max_rows else torch.linspace(0, q - 1, max_rows).round().long()
     qs = query[:, :, rows].reshape(b, hkv, g * rows.numel(), d)  # [1, Hkv, g*r, D]
     s = torch.matmul(qs, keys.transpose(-1, -2)).mul_(scaling).view(b, hkv, g, rows.numel(), -1)  # [1,Hkv,g,r,n]
     s.sub_(total_lse[:, :, rows].view(b, hkv, g, rows.numel(), 1)).exp_()

@@ -75,13 +75,23 @@ class StreamSession:
         interleaving sessions, a progress bar) gets control back between chunks."""
         ids = self._ids(data)
         for i, _logits in enumerate(self._chunks(ids, False)):
-            yield min((i + 1) * self.chunk_size, ids.numel())
+            yield min((i + 1) * self._step(), ids.numel())
+
+    def _step(self) -> int:
+        """Tokens per forward: chunk_size, or less where the policy needs it (sirllm: at most its window,
+        so every token is scored before it can be evicted)."""
+        return min(self.chunk_size, getattr(self.policy, "max_chunk", None) or self.chunk_size)
 
     @torch.inference_mode()
     def _chunks(self, ids: torch.Tensor, all_logits: bool, prompt: bool = True) -> Iterator[torch.Tensor]:
-        for start in range(0, ids.numel(), self.chunk_size):
-            chunk = ids[start : start + self.chunk_size].unsqueeze(0).to(self.model.device)
-            logits = self._forward(chunk, all_logits)
+        wants = getattr(self.policy, "wants_logits", False)  # sirllm scores tokens from every position's logits
+        step = self._step()
+        for start in range(0, ids.numel(), step):
+            chunk = ids[start : start + step].unsqueeze(0).to(self.model.device)
+            logits = self._forward(chunk, all_logits or wants)
+            if wants:
+                self.policy.observe_logits(chunk[0], logits, self.logits)
+                logits = logits if all_logits else logits[-1:]
             self.logits = logits[-1]
             self._prompt_tokens += chunk.shape[1] if prompt else 0
             yield logits
@@ -238,6 +248,8 @@ class StreamSession:
             self.feed(closing)
         self.messages.append(reply)
         self._n_fed = len(self.messages)
+        if hasattr(self.policy, "end_turn"):  # sirllm: decay the scores of everything before this turn's end
+            self.policy.end_turn()
 
     # ---- introspection / persistence ---------------------------------------------------------------
     def stats(self) -> dict:
@@ -245,7 +257,7 @@ class StreamSession:
         return {
             **p.describe(),
             "tokens_seen": p.seen,
-            "tokens_cached": p.n_kept,
+            "tokens_cached": p.n_cached,
             "cache_bytes": p.nbytes(),
             "next_position": getattr(p, "next_pos", None),
             **(p.memory_stats() if hasattr(p, "memory_stats") else {}),  # memory: resident tokens, store tiers, hits

@@ -12,12 +12,15 @@ import inspect
 
 from .base import StreamingCache
 from .dense import DenseCache
+from .h2o import H2OCache
 from .memory import MemoryCache
 from .recompute import Recompute
 from .sink import SinkCache
+from .sirllm import SirLLMCache
 from .window import WindowCache
 
-POLICIES = {"dense": DenseCache, "window": WindowCache, "sink": SinkCache, "memory": MemoryCache, "recompute": Recompute}
+POLICIES = {"dense": DenseCache, "window": WindowCache, "sink": SinkCache, "memory": MemoryCache, "h2o": H2OCache,
+            "sirllm": SirLLMCache, "recompute": Recompute}
 
 
 def policy_params(name: str) -> dict:
@@ -48,6 +51,7 @@ def make_policy(name: str, model, **params):
 
 
 STRING_PARAMS = {"placement", "store_dir"}
+FLOAT_PARAMS = {"decay"}  # every other policy parameter is an integer
 
 
 def split_policy_list(text: str) -> list[str]:
@@ -72,7 +76,7 @@ def max_resident_tokens(name: str, params: dict) -> int | None:
     with it before building anything. None = unbounded (`dense`). Raises ValueError for unknown names or
     parameters and for non-integer values."""
     p = {**check_policy_name(name, params), **params}
-    if any(not isinstance(v, int) or isinstance(v, bool) for k, v in p.items() if k not in STRING_PARAMS):
+    if any(not isinstance(v, int) or isinstance(v, bool) for k, v in p.items() if k not in STRING_PARAMS | FLOAT_PARAMS):
         raise ValueError(f"policy {name!r} parameters must be integers, got {params}")
     if name == "dense":
         return None
@@ -80,6 +84,8 @@ def max_resident_tokens(name: str, params: dict) -> int | None:
         return p["window"] + 2 * p["sinks"] + 1  # budget + the step's extra slot + pristine sink keys
     if name == "memory":  # slot table (sinks + W..W+B-1 + 1) + pristine sinks + K fetched blocks per layer
         return 2 * p["sinks"] + p["window"] + p["block"] + p["topk"] * p["block"]
+    if name in ("h2o", "sirllm"):  # slot table (sinks + window + 1) + pristine sinks + each head's heavy set
+        return 2 * p["sinks"] + p["window"] + 1 + p["heavy"]
     return p["window"] + 1  # window: budget + 1 slot; recompute: the window re-encoded at every step
 
 
@@ -96,12 +102,13 @@ def parse_policy_spec(spec: str) -> tuple[str, dict]:
         if key in STRING_PARAMS:
             params[key] = value.strip()
             continue
+        kind = float if key in FLOAT_PARAMS else int
         try:
-            params[key] = int(value)
+            params[key] = kind(value)
         except ValueError:
-            raise ValueError(f"policy parameter {key}={value!r} must be an integer") from None
+            raise ValueError(f"policy parameter {key}={value!r} must be {'a number' if kind is float else 'an integer'}") from None
     return name.strip(), params
 
 
-__all__ = ["POLICIES", "StreamingCache", "DenseCache", "MemoryCache", "WindowCache", "SinkCache", "Recompute", "make_policy",
+__all__ = ["POLICIES", "StreamingCache", "DenseCache", "MemoryCache", "H2OCache", "SirLLMCache", "WindowCache", "SinkCache", "Recompute", "make_policy",
            "parse_policy_spec", "policy_params", "split_policy_list", "check_policy_name"]

@@ -53,9 +53,13 @@ Policies that remember or score need three more things; the base gives them, off
   is relative), so nothing is rotated from a previous rotation and every distance stays what it would be
   if those tokens were laid out contiguously in the cache.
 
-What is not here yet: per-KV-head layouts (DuoAttention: different heads keep different tokens) and
-scored retention (H2O, SirLLM: per-head top-k). Both build on `observe`/`attend`; the shared slot table
-stays the fast path for the policies whose heads all keep the same tokens.
+Per-KV-head layouts build on these three, and leave the slot table as it is (shared by every head: sinks
++ window, the fast path). What differs per head lives beside it, in each layer, placed in the gap:
+* `scored.py` (h2o, sirllm): every KV head keeps its own `heavy` best-scored older tokens, the same count
+  per head, so a layer's keys stay one dense tensor; a scored policy only writes `score()`.
+* `duo.py`: retrieval heads keep everything that left the window (or a block store), streaming heads keep
+  only the slot table: head groups of different sizes, attended group by group, so a streaming head holds
+  S + W tokens in bytes, not a mask over more.
 """
 from __future__ import annotations
 
@@ -277,6 +281,11 @@ class StreamingCache(Cache):
     @property
     def n_kept(self) -> int:
         return int((self.seq[: self.n_used] >= 0).sum())
+
+    @property
+    def n_cached(self) -> int:
+        """Tokens each head holds between steps (the slot table's, plus what a policy keeps outside it)."""
+        return self.n_kept
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.n_kept

@@ -29,6 +29,8 @@ class Recompute:
     def n_kept(self) -> int:
         return self.ids.numel()
 
+    n_cached = n_kept
+
     def nbytes(self) -> int:
         return 0  # no KV is kept between steps (the ids are a few KB)
 
