@@ -12,6 +12,7 @@ import inspect
 
 from .base import StreamingCache
 from .dense import DenseCache
+from .duo import DuoCache
 from .h2o import H2OCache
 from .memory import MemoryCache
 from .recompute import Recompute
@@ -20,7 +21,7 @@ from .sirllm import SirLLMCache
 from .window import WindowCache
 
 POLICIES = {"dense": DenseCache, "window": WindowCache, "sink": SinkCache, "memory": MemoryCache, "h2o": H2OCache,
-            "sirllm": SirLLMCache, "recompute": Recompute}
+            "sirllm": SirLLMCache, "duo": DuoCache, "recompute": Recompute}
 
 
 def policy_params(name: str) -> dict:
@@ -50,8 +51,8 @@ def make_policy(name: str, model, **params):
     return POLICIES[name](model, **params)
 
 
-STRING_PARAMS = {"placement", "store_dir"}
-FLOAT_PARAMS = {"decay"}  # every other policy parameter is an integer
+STRING_PARAMS = {"placement", "store_dir", "pattern"}
+FLOAT_PARAMS = {"decay", "sparsity"}  # every other policy parameter is an integer
 
 
 def split_policy_list(text: str) -> list[str]:
@@ -78,9 +79,9 @@ def max_resident_tokens(name: str, params: dict) -> int | None:
     p = {**check_policy_name(name, params), **params}
     if any(not isinstance(v, int) or isinstance(v, bool) for k, v in p.items() if k not in STRING_PARAMS | FLOAT_PARAMS):
         raise ValueError(f"policy {name!r} parameters must be integers, got {params}")
-    if name == "dense":
+    if name == "dense" or (name == "duo" and p["sparsity"] < 1):  # dense, or duo's retrieval heads: grow
         return None
-    if name == "sink":
+    if name in ("sink", "duo"):
         return p["window"] + 2 * p["sinks"] + 1  # budget + the step's extra slot + pristine sink keys
     if name == "memory":  # slot table (sinks + W..W+B-1 + 1) + pristine sinks + K fetched blocks per layer
         return 2 * p["sinks"] + p["window"] + p["block"] + p["topk"] * p["block"]
@@ -110,5 +111,5 @@ def parse_policy_spec(spec: str) -> tuple[str, dict]:
     return name.strip(), params
 
 
-__all__ = ["POLICIES", "StreamingCache", "DenseCache", "MemoryCache", "H2OCache", "SirLLMCache", "WindowCache", "SinkCache", "Recompute", "make_policy",
+__all__ = ["POLICIES", "StreamingCache", "DenseCache", "MemoryCache", "H2OCache", "SirLLMCache", "DuoCache", "WindowCache", "SinkCache", "Recompute", "make_policy",
            "parse_policy_spec", "policy_params", "split_policy_list", "check_policy_name"]

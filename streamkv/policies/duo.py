@@ -1,0 +1,199 @@
+"""`duo`: DuoAttention (Xiao et al., 2024). Retrieval heads keep long context, streaming heads keep S sinks + W
+recent tokens; which head is which comes from a pattern file (`streamkv duo identify`, or DuoAttention's own
+`full_attention_heads.tsv`), cut at a `sparsity` (the fraction of heads that stream).
+
+Layout of one layer (positions by place in *each head's own* cache):
+
+    streaming heads:  sinks | window | new                     (the shared slot table: exactly `sink`)
+    retrieval heads:  sinks | everything evicted | window | new (dense: the same distances as a full cache)
+
+* The shared slot table (base.py) holds sinks + window for every head, and hands each step's evicted tokens
+  over (`keeps_evicted`); only the retrieval heads' keys/values of them are kept, in a per-layer buffer
+  [1, H_retrieval, E, D]: a streaming head really holds S + W tokens (bytes, not a mask over more).
+* A layer's heads are attended in runs of neighbouring heads of one kind (views, no copies): streaming runs
+  over the slot table as `sink` does; retrieval runs over the window from the slot table, the evicted
+  buffer, and the sinks from their pristine copies, each group seen by its own rotation of the query
+  (`attend_parts`, merged exactly by log-sum-exp). In the slot table the sinks are rotated to sit right
+  before the window (streaming placement); a retrieval head sees them E positions earlier instead, rotated
+  from the pristine copy, never from the slot table's rotation.
+* The evicted buffer keeps each key as computed; keys are stored at contiguous canonical positions (a key
+  computed elsewhere, after a position restart, is rotated once on arrival), so the whole buffer moves to
+  its place, right before the window, by one rotation of the query per step.
+
+Retrieval heads here keep *everything* evicted (`dense`, DuoAttention's own choice): memory still grows
+with the stream, 1/(1 - sparsity) times slower than dense on the retrieval fraction alone. Positions of
+retrieval heads are those of a dense cache, so streams longer than the model's trained context degrade in
+those heads as dense does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attention import attend_parts
+from .base import StreamingCache
+from .scored import positive_int
+
+
+@dataclass
+class _Evicted:
+    """One layer's retrieval heads' evicted tokens, in stream order at contiguous positions start.. start+n-1."""
+
+    keys: torch.Tensor  # [1, H_retrieval, cap, D]
+    values: torch.Tensor  # [1, H_retrieval, cap, Dv]
+    start: int = 0  # position of the first stored key (canonical; the rest follow contiguously)
+    n: int = 0
+
+    def nbytes(self) -> int:  # allocated, as every cache reports
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+def _runs(mask: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """[True, True, False, True] -> [(0, 2, True), (2, 3, False), (3, 4, True)]: neighbouring heads of one kind."""
+    runs, a = [], 0
+    flags = mask.tolist()
+    for b in range(1, len(flags) + 1):
+        if b == len(flags) or flags[b] != flags[a]:
+            runs.append((a, b, flags[a]))
+            a = b
+    return runs
+
+
+def retrieval_mask(model, pattern, sparsity: float) -> torch.Tensor:
+    """[layers, kv_heads] bool, True = retrieval head. `pattern`: a bool tensor (used as is), a gate tensor,
+    a pattern file path, or "embedded" (the pattern shipped for the embedded model)."""
+    if torch.is_tensor(pattern) and pattern.dtype == torch.bool:
+        mask = pattern
+    else:
+        from .. import heads
+
+        gates = pattern if torch.is_tensor(pattern) else heads.pattern_for(model, pattern)
+        mask = heads.retrieval_heads(gates, sparsity=sparsity)
+    cfg = model.config.get_text_config()
+    shape = (cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"head pattern has shape {tuple(mask.shape)}, but the model has {shape[0]} layers x {shape[1]} KV heads")
+    return mask.clone()
+
+
+class DuoCache(StreamingCache):
+    name = "duo"
+    keeps_evicted = True
+
+    def __init__(self, model, sinks: int = 64, window: int = 256, pattern: str = "embedded", sparsity: float = 0.5):
+        positive_int("window", window)
+        positive_int("sinks", sinks, 0)
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+            raise ValueError(f"sparsity (the fraction of streaming heads) must be a number in [0, 1], got {sparsity!r}")
+        self.window, self.sparsity = window, float(sparsity)
+        self.pattern = pattern if isinstance(pattern, str) else "tensor"
+        self.heads = retrieval_mask(model, pattern, self.sparsity)  # [L, Hkv]
+        super().__init__(model, budget=sinks + window, sinks=sinks)
+        self.runs = [_runs(m) for m in self.heads]
+        self.evicted: list[_Evicted | None] = [None] * self.n_layers
+
+    @property
+    def max_resident(self) -> int | None:
+        return None if bool(self.heads.any()) else self.budget  # retrieval heads grow with the stream
+
+    # ---- attention ----------------------------------------------------------------------------------
+    def attend(self, layer_idx, module, query, keys, values, scaling):
+        plan, layer, rope = self._plan, self.layers[layer_idx], self.rope
+        q, n = query.shape[2], keys.shape[2]
+        g = query.shape[1] // keys.shape[1]
+        n_s = min(self.sinks, self.seen - q)  # sinks kept before this step: slots 0..n_s-1 (kept in stream order)
+        old = n - q if q > 1 else n  # keys kept before this step (decode: the view holds the new token too)
+        store = self.evicted[layer_idx]
+        E = store.n if store is not None else 0
+        outs, r = [], 0  # r: index of the run's first head among the layer's retrieval heads
+        for a, b, retrieval in self.runs[layer_idx]:
+            qr = query[:, a * g : b * g]  # [1, (b-a)*g, q, D]
+            k, v = keys[:, a:b], values[:, a:b]  # views
+            first = n_s if retrieval else 0  # retrieval heads see the sinks elsewhere (below)
+            if q > 1:
+                parts = [(qr, k[:, :, n - q :], v[:, :, n - q :], True)]
+                if old > first:
+                    parts.append((qr, k[:, :, first:old], v[:, :, first:old], False))
+            else:
+                parts = [(qr, k[:, :, first:], v[:, :, first:], False)]
+            if retrieval:
+                if E:  # stored at start..start+E-1, wanted right before the window: move the query instead
+                    shift = plan.window_start - E - store.start
+                    parts.append((rope.rotate(qr, -shift), store.keys[:, r : r + b - a, :E], store.values[:, r : r + b - a, :E], False))
+                if n_s:  # pristine sink keys, rotated once to sit before everything evicted
+                    wanted = torch.arange(plan.window_start - E - n_s, plan.window_start - E)
+                    sk = rope.rotate(layer.pin_keys[:, a:b, :n_s], wanted - self.pin_pos[:n_s])
+                    parts.append((qr, sk, v[:, :, :n_s], False))
+                r += b - a
+            outs.append(attend_parts(qr, parts, scaling)[0])  # [1, q, (b-a)*g, Dv]
+        layer.finish_step(plan)
+        if layer.evicted is not None:
+            self._store(layer_idx, layer.evicted, plan)
+            layer.evicted = None
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _store(self, layer_idx: int, evicted, plan) -> None:
+        """Keep the retrieval heads' keys/values of this step's evicted tokens (contiguous positions)."""
+        mask = self.heads[layer_idx]
+        if not bool(mask.any()):
+            return
+        ek, ev = evicted[0][:, mask], evicted[1][:, mask]  # [1, H_r, e, D]
+        e = ek.shape[2]
+        store = self.evicted[layer_idx]
+        if store is None:
+            store = self.evicted[layer_idx] = _Evicted(ek.new_zeros((1, ek.shape[1], max(64, e), ek.shape[3])),
+                                                       ev.new_zeros((1, ev.shape[1], max(64, e), ev.shape[3])),
+                                                       start=int(plan.evict_pos[0]))
+        target = torch.arange(store.start + store.n, store.start + store.n + e)
+        delta = target - plan.evict_pos
+        if bool(delta.any()):  # computed after a position restart: rotated once, to continue the sequence
+            ek = self.rope.rotate(ek, delta)
+        need = store.n + e
+        if need > store.keys.shape[2]:  # grow by doubling
+            cap = max(need, 2 * store.keys.shape[2])
+            for name in ("keys", "values"):
+                old = getattr(store, name)
+                new = old.new_zeros((*old.shape[:2], cap, old.shape[3]))
+                new[:, :, : store.n] = old[:, :, : store.n]
+                setattr(store, name, new)
+        store.keys[:, :, store.n : need] = ek
+        store.values[:, :, store.n : need] = ev
+        store.n = need
+
+    # ---- introspection and persistence -------------------------------------------------------------
+    @property
+    def n_cached(self) -> int:
+        """Tokens a retrieval head holds (a streaming head holds n_kept)."""
+        return self.n_kept + max((s.n for s in self.evicted if s is not None), default=0)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + sum(s.nbytes() for s in self.evicted if s is not None)
+
+    def head_bytes(self) -> dict:
+        """KV bytes held per kind of head (whole model): the measured memory saving."""
+        table = super().nbytes()
+        n_heads = self.heads.numel()
+        per_head_table = table / n_heads
+        n_r = int(self.heads.sum())
+        stored = sum(s.nbytes() for s in self.evicted if s is not None)
+        return {"retrieval_heads": n_r, "streaming_heads": n_heads - n_r,
+                "retrieval_bytes": int(per_head_table * n_r + stored), "streaming_bytes": int(per_head_table * (n_heads - n_r))}
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "sinks": self.sinks, "window": self.window, "pattern": self.pattern,
+                "sparsity": self.sparsity, "retrieval_heads": int(self.heads.sum())}
+
+    def state_dict(self, copy: bool = True) -> dict:
+        state = super().state_dict(copy)
+        state["duo"] = {"heads": self.heads.clone(), "evicted": [
+            None if s is None else {"keys": s.keys[:, :, : s.n].clone(), "values": s.values[:, :, : s.n].clone(), "start": s.start}
+            for s in self.evicted]}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if not torch.equal(state["duo"]["heads"], self.heads):
+            raise ValueError("snapshot was taken with another head pattern than this duo cache's")
+        super().load_state_dict(state)
+        self.evicted = [None if s is None else _Evicted(s["keys"].clone(), s["values"].clone(), s["start"], s["keys"].shape[2])
+                        for s in state["duo"]["evicted"]]
