@@ -112,3 +112,78 @@ def test_parameters_are_checked():
     for bad in (-0.1, 1.5, "half", True):
         with pytest.raises(ValueError, match="sparsity"):
             make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), sparsity=bad)
+
+
+# ---- retrieval heads with a block store (retrieval=memory) ------------------------------------------------
+
+def test_memory_retrieval_every_block_equals_dense():
+    """Every head retrieval, K*B >= everything evicted, contiguous placement: dense, through the store on disk."""
+    model = make_tiny("llama", layers=2)
+    ids = random_ids(200)
+    reference = model(ids).logits[0]
+    cache = make_policy("duo", model, sinks=3, window=12, pattern=torch.ones(2, 2, dtype=torch.bool), retrieval="memory",
+                        block=4, topk=60, ram_mb=0)
+    cache.placement = "contiguous"
+    got = stream(model, cache, ids, [7, 1, 1, 13, 1])
+    assert (got - reference).abs().max().item() < 1e-4
+    assert cache.store.stats()["reads_disk"] > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("chunks", [[1], [5, 1, 1, 9, 1, 2]], ids=["token-by-token", "chunked"])
+def test_memory_retrieval_one_layer_each_head_equals_fresh_forward(arch, chunks):
+    """One layer, both kinds: a streaming head sees sinks + window + new; a retrieval head sees sinks + the
+    blocks it retrieved (few of many) + window + new, contiguous (the cache says which blocks)."""
+    sinks, window, block, topk = 2, 6, 3, 2
+    model = make_tiny(arch, layers=1)
+    hkv = kv_heads(model)
+    width = model.config.hidden_size // model.config.num_attention_heads * (model.config.num_attention_heads // hkv)
+    mask = torch.tensor([[h % 2 == 1 for h in range(hkv)]])
+    cache = make_policy("duo", model, sinks=sinks, window=window, pattern=mask, retrieval="memory", block=block, topk=topk, ram_mb=0)
+    cache.placement = "contiguous"
+    cache.max_position = 40
+    ids = random_ids(160, seed=2)
+    start, i, choices = 0, 0, set()
+    while start < ids.shape[1]:
+        q = min(chunks[i % len(chunks)], ids.shape[1] - start)
+        kept = sorted(int(s) for s in cache.seq[: cache.n_used] if s >= 0)
+        pos = cache.position_ids(q)
+        got = capture(model, lambda: model(input_ids=ids[:, start : start + q], position_ids=pos, past_key_values=cache, use_cache=True))
+        blocks = cache.retrieved[0]
+        mem = [t for b in blocks for t in range(sinks + b * block, sinks + (b + 1) * block)]
+        new = list(range(start, start + q))
+        streaming = capture(model, lambda: model(input_ids=ids[:, kept + new]))[-q:]
+        context = [t for t in kept if t < sinks] + mem + [t for t in kept if t >= sinks] + new
+        retrieval = capture(model, lambda: model(input_ids=ids[:, context]))[-q:]
+        for h in range(hkv):
+            cols = slice(h * width, (h + 1) * width)
+            ref = retrieval if mask[0, h] else streaming
+            assert (got[:, cols] - ref[:, cols]).abs().max().item() < 1e-4, f"head {h}, step at token {start}"
+        choices.add(tuple(blocks))
+        start, i = start + q, i + 1
+    assert len(choices) > 5
+
+
+def test_memory_retrieval_stores_retrieval_heads_only(tmp_path):
+    """The store holds the retrieval heads' keys/values only (layers may keep none), on disk and back."""
+    model = make_tiny("llama", layers=2)
+    mask = torch.tensor([[True, False], [False, False]])
+    cache = make_policy("duo", model, sinks=2, window=8, pattern=mask, retrieval="memory", block=4, topk=2, ram_mb=0,
+                        store_dir=str(tmp_path))
+    stream(model, cache, random_ids(120), [16])
+    k0, _, _ = cache.store.get(0, 0)
+    k1, _, _ = cache.store.get(0, 1)
+    assert k0.shape[0] == 1 and k1.shape[0] == 0
+    b = make_policy("duo", model, sinks=2, window=8, pattern=mask, retrieval="memory", block=4, topk=2, ram_mb=0,
+                    store_dir=str(tmp_path))
+    b.load_state_dict(cache.state_dict())
+    ids = random_ids(30, seed=5)
+    assert torch.equal(stream(model, cache, ids, [3]), stream(model, b, ids, [3]))
+
+
+def test_retrieval_parameters_are_checked():
+    model = make_tiny("llama", layers=2)
+    with pytest.raises(ValueError, match="retrieval=memory"):
+        make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), topk=4)
+    with pytest.raises(ValueError, match="retrieval must be"):
+        make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), retrieval="disk")

@@ -1,7 +1,8 @@
 """Where the `memory` policy puts evicted context: blocks of B tokens in RAM (LRU, byte cap), then on disk.
 
 A block is the keys and values of the same B consecutive stream tokens in *every* layer (the shared slot table
-evicts the same tokens from all layers at once), stored as they sat in the window: each key rotated at the
+evicts the same tokens from all layers at once; a layer may keep only some of its KV heads, `duo`'s retrieval
+heads, so each layer has its own head count, possibly 0), stored as they sat in the window: each key rotated at the
 position recorded in `pos` (the one the model computed it at, or, if a position restart happened while it
 was in the window, that position moved once by the restart's shift). Fetching rotates from this stored copy,
 never from a fetched one, so rounding cannot accumulate however often a block comes back.
@@ -16,11 +17,14 @@ Tiers:
   file is a `BlockStoreError` that names the file, never garbage.
 
 File layout: b"SKVBLK1\\n", a little-endian uint32 header length, a JSON header (block id, store tag, shapes,
-dtype, positions, CRCs), then for each layer its keys [H, B, D] and values [H, B, Dv] as raw bytes.
+dtype, positions, CRCs), then for each layer its keys [H_l, B, D] and values [H_l, B, Dv] as raw bytes. The
+header gives one shape for every layer ("keys"/"values") or, when layers differ, one per layer
+("layer_keys"/"layer_values").
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -42,13 +46,13 @@ class BlockStoreError(RuntimeError):
 
 @dataclass
 class Block:
-    keys: torch.Tensor  # [L, H, B, D], each token rotated at pos[token]
-    values: torch.Tensor  # [L, H, B, Dv]
+    keys: list[torch.Tensor]  # per layer [H_l, B, D], each token rotated at pos[token]
+    values: list[torch.Tensor]  # per layer [H_l, B, Dv]
     pos: torch.Tensor  # [B] positions the keys are rotated at
 
     @property
     def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
 def _raw(t: torch.Tensor) -> bytes:
@@ -85,7 +89,7 @@ class BlockStore:
             del self._pending[block_id]
             if block_id != self.n_blocks:
                 raise BlockStoreError(f"memory blocks must arrive in stream order: got block {block_id}, expected {self.n_blocks}")
-            block = Block(torch.stack([k for k, _ in parts]), torch.stack([v for _, v in parts]), pos.clone())
+            block = Block([k for k, _ in parts], [v for _, v in parts], pos.clone())
             self.ram[block_id] = block
             self.n_blocks += 1
 
@@ -93,16 +97,18 @@ class BlockStore:
         return self.directory / f"block-{block_id:08d}.skv"
 
     def _write(self, block_id: int, block: Block, sync: bool) -> None:
-        layers = block.keys.shape[0]
+        layers = len(block.keys)
         chunks, crcs = [], []
         for l in range(layers):
             k, v = _raw(block.keys[l]), _raw(block.values[l])
             chunks += [k, v]
             crcs.append([zlib.crc32(k), zlib.crc32(v)])
+        kshapes, vshapes = [list(k.shape) for k in block.keys], [list(v.shape) for v in block.values]
+        shapes = ({"keys": kshapes[0], "values": vshapes[0]} if all(k == kshapes[0] for k in kshapes) and all(v == vshapes[0] for v in vshapes)
+                  else {"layer_keys": kshapes, "layer_values": vshapes})
         header = json.dumps({
-            "block": block_id, "tag": self.tag, "dtype": str(block.keys.dtype).removeprefix("torch."),
-            "keys": list(block.keys.shape[1:]), "values": list(block.values.shape[1:]), "layers": layers,
-            "pos": block.pos.tolist(), "crc": crcs,
+            "block": block_id, "tag": self.tag, "dtype": str(block.keys[0].dtype).removeprefix("torch."),
+            **shapes, "layers": layers, "pos": block.pos.tolist(), "crc": crcs,
         }).encode()
         target = self.path(block_id)
         tmp = target.with_suffix(".tmp")
@@ -171,17 +177,22 @@ class BlockStore:
         h = self._header(block_id)
         dtype = getattr(torch, h["dtype"])
         item = torch.finfo(dtype).bits // 8
-        ksize, vsize = [int(torch.tensor(h[x]).prod()) * item for x in ("keys", "values")]
+        kshapes = h.get("layer_keys") or [h["keys"]] * h["layers"]
+        vshapes = h.get("layer_values") or [h["values"]] * h["layers"]
+        sizes = [(math.prod(k) * item, math.prod(v) * item) for k, v in zip(kshapes, vshapes)]
+        ksize, vsize = sizes[layer]
         path = self.path(block_id)
         with open(path, "rb") as f:
-            f.seek(h["offset"] + layer * (ksize + vsize))
+            f.seek(h["offset"] + sum(a + b for a, b in sizes[:layer]))
             data = f.read(ksize + vsize)
         kc, vc = h["crc"][layer]
         if len(data) != ksize + vsize or zlib.crc32(data[:ksize]) != kc or zlib.crc32(data[ksize:]) != vc:
             raise BlockStoreError(f"memory block {path} is damaged (layer {layer}: truncated or checksum mismatch)")
         buf = bytearray(data)
-        keys = torch.frombuffer(buf, dtype=torch.uint8, count=ksize).view(dtype).view(h["keys"])
-        values = torch.frombuffer(buf, dtype=torch.uint8, offset=ksize, count=vsize).view(dtype).view(h["values"])
+        if not buf:  # a layer that keeps no head of this block
+            return torch.zeros(kshapes[layer], dtype=dtype), torch.zeros(vshapes[layer], dtype=dtype), torch.tensor(h["pos"], dtype=torch.long)
+        keys = torch.frombuffer(buf, dtype=torch.uint8, count=ksize).view(dtype).view(kshapes[layer])
+        values = torch.frombuffer(buf, dtype=torch.uint8, offset=ksize, count=vsize).view(dtype).view(vshapes[layer])
         self.reads["disk"] += 1
         return keys, values, torch.tensor(h["pos"], dtype=torch.long)
 

@@ -20,10 +20,14 @@ Layout of one layer (positions by place in *each head's own* cache):
   computed elsewhere, after a position restart, is rotated once on arrival), so the whole buffer moves to
   its place, right before the window, by one rotation of the query per step.
 
-Retrieval heads here keep *everything* evicted (`dense`, DuoAttention's own choice): memory still grows
-with the stream, 1/(1 - sparsity) times slower than dense on the retrieval fraction alone. Positions of
-retrieval heads are those of a dense cache, so streams longer than the model's trained context degrade in
-those heads as dense does.
+Two kinds of retrieval heads (`retrieval=`):
+* `dense` (DuoAttention's own): they keep *everything* evicted. Memory still grows with the stream, on the
+  retrieval fraction of the heads only; their distances are a dense cache's, so past the model's trained
+  context those heads degrade as dense does.
+* `memory`: they keep a block store (`memory.py`: RAM, then disk) and attend the `topk` blocks most
+  relevant to the current queries, between their sinks and the window; only the retrieval heads' keys and
+  values go to the store. Memory stays bounded however long the stream, and every distance stays inside
+  the trained context. The window then evicts in whole blocks (W..W+B-1 recent tokens, as `memory`).
 """
 from __future__ import annotations
 
@@ -31,9 +35,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import attend_parts
+from ..attention import attend_parts, received_attention
 from .base import StreamingCache
+from .memory import MemoryCache
 from .scored import positive_int
+
+RETRIEVAL = ("dense", "memory")
 
 
 @dataclass
@@ -77,16 +84,88 @@ def retrieval_mask(model, pattern, sparsity: float) -> torch.Tensor:
     return mask.clone()
 
 
-class DuoCache(StreamingCache):
+def _check_duo(sinks, window, sparsity) -> float:
+    positive_int("window", window)
+    positive_int("sinks", sinks, 0)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity (the fraction of streaming heads) must be a number in [0, 1], got {sparsity!r}")
+    return float(sparsity)
+
+
+class _HeadRuns:
+    """Attention of one layer in runs of neighbouring KV heads of one kind (shared by both duo caches)."""
+
+    def _attend_runs(self, layer_idx, query, keys, values, scaling, span: int, far):
+        """Streaming runs attend the slot table as `sink` does. Retrieval runs attend the window (slot table,
+        without its sinks), `far(r0, r1, qr)` (the parts of their long context, `span` positions right
+        before the window) and the sinks, rotated from their pristine copies to sit right before that.
+        Returns (output [1, q, Hq, Dv], log-sum-exp [1, Hq, q])."""
+        plan, layer, rope = self._plan, self.layers[layer_idx], self.rope
+        q, n = query.shape[2], keys.shape[2]
+        g = query.shape[1] // keys.shape[1]
+        n_s = min(self.sinks, self.seen - q)  # sinks kept before this step: slots 0..n_s-1 (kept in stream order)
+        old = n - q if q > 1 else n  # keys kept before this step (decode: the view holds the new token too)
+        outs, lses, r = [], [], 0  # r: index of the run's first head among the layer's retrieval heads
+        for a, b, retrieval in self.runs[layer_idx]:
+            qr = query[:, a * g : b * g]  # [1, (b-a)*g, q, D]
+            k, v = keys[:, a:b], values[:, a:b]  # views
+            first = n_s if retrieval else 0  # retrieval heads see the sinks elsewhere (below)
+            if q > 1:
+                parts = [(qr, k[:, :, n - q :], v[:, :, n - q :], True)]
+                if old > first:
+                    parts.append((qr, k[:, :, first:old], v[:, :, first:old], False))
+            else:
+                parts = [(qr, k[:, :, first:], v[:, :, first:], False)]
+            if retrieval:
+                parts += far(r, r + b - a, qr)
+                if n_s:  # pristine sink keys, rotated once to sit before the long context
+                    wanted = torch.arange(plan.window_start - span - n_s, plan.window_start - span)
+                    sk = rope.rotate(layer.pin_keys[:, a:b, :n_s], wanted - self.pin_pos[:n_s])
+                    parts.append((qr, sk, v[:, :, :n_s], False))
+                r += b - a
+            out, lse = attend_parts(qr, parts, scaling)  # [1, q, (b-a)*g, Dv], [1, (b-a)*g, q]
+            outs.append(out)
+            lses.append(lse)
+        if len(outs) == 1:
+            return outs[0], lses[0]
+        return torch.cat(outs, dim=2), torch.cat(lses, dim=1)
+
+    def _duo_describe(self) -> dict:
+        return {"pattern": self.pattern, "sparsity": self.sparsity, "retrieval": self.retrieval,
+                "retrieval_heads": int(self.heads.sum())}
+
+    def head_bytes(self) -> dict:
+        """KV bytes held per kind of head (whole model, RAM): the measured memory saving."""
+        table = StreamingCache.nbytes(self)  # the slot table: every head holds the same there
+        n_heads, n_r = self.heads.numel(), int(self.heads.sum())
+        extra = self.nbytes() - table  # everything beyond the slot table belongs to retrieval heads
+        return {"retrieval_heads": n_r, "streaming_heads": n_heads - n_r,
+                "retrieval_bytes": int(table * n_r / n_heads + extra), "streaming_bytes": int(table * (n_heads - n_r) / n_heads)}
+
+
+class DuoCache(_HeadRuns, StreamingCache):
     name = "duo"
     keeps_evicted = True
+    retrieval = "dense"
 
-    def __init__(self, model, sinks: int = 64, window: int = 256, pattern: str = "embedded", sparsity: float = 0.5):
-        positive_int("window", window)
-        positive_int("sinks", sinks, 0)
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
-            raise ValueError(f"sparsity (the fraction of streaming heads) must be a number in [0, 1], got {sparsity!r}")
-        self.window, self.sparsity = window, float(sparsity)
+    def __new__(cls, model=None, *args, retrieval: str = "dense", **kwargs):
+        if retrieval not in RETRIEVAL:
+            raise ValueError(f"retrieval must be one of {', '.join(RETRIEVAL)}, got {retrieval!r}")
+        if cls is DuoCache and retrieval == "memory":  # one policy name, two layouts of the retrieval heads
+            obj = super().__new__(DuoMemoryCache)
+            obj.__init__(model, *args, **kwargs)
+            return obj
+        return super().__new__(cls)
+
+    def __init__(self, model, sinks: int = 64, window: int = 256, pattern: str = "embedded", sparsity: float = 0.5,
+                 retrieval: str = "dense", block: int | None = None, topk: int | None = None,
+                 ram_mb: int | None = None, store_dir: str | None = None):
+        """retrieval="memory" takes `block`, `topk`, `ram_mb`, `store_dir` (as the `memory` policy; its
+        defaults when not given); with "dense" they do not apply."""
+        given = [n for n, v in (("block", block), ("topk", topk), ("ram_mb", ram_mb), ("store_dir", store_dir)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to duo with retrieval=memory only")
+        self.window, self.sparsity = window, _check_duo(sinks, window, sparsity)
         self.pattern = pattern if isinstance(pattern, str) else "tensor"
         self.heads = retrieval_mask(model, pattern, self.sparsity)  # [L, Hkv]
         super().__init__(model, budget=sinks + window, sinks=sinks)
@@ -99,39 +178,22 @@ class DuoCache(StreamingCache):
 
     # ---- attention ----------------------------------------------------------------------------------
     def attend(self, layer_idx, module, query, keys, values, scaling):
-        plan, layer, rope = self._plan, self.layers[layer_idx], self.rope
-        q, n = query.shape[2], keys.shape[2]
-        g = query.shape[1] // keys.shape[1]
-        n_s = min(self.sinks, self.seen - q)  # sinks kept before this step: slots 0..n_s-1 (kept in stream order)
-        old = n - q if q > 1 else n  # keys kept before this step (decode: the view holds the new token too)
+        plan, layer = self._plan, self.layers[layer_idx]
         store = self.evicted[layer_idx]
         E = store.n if store is not None else 0
-        outs, r = [], 0  # r: index of the run's first head among the layer's retrieval heads
-        for a, b, retrieval in self.runs[layer_idx]:
-            qr = query[:, a * g : b * g]  # [1, (b-a)*g, q, D]
-            k, v = keys[:, a:b], values[:, a:b]  # views
-            first = n_s if retrieval else 0  # retrieval heads see the sinks elsewhere (below)
-            if q > 1:
-                parts = [(qr, k[:, :, n - q :], v[:, :, n - q :], True)]
-                if old > first:
-                    parts.append((qr, k[:, :, first:old], v[:, :, first:old], False))
-            else:
-                parts = [(qr, k[:, :, first:], v[:, :, first:], False)]
-            if retrieval:
-                if E:  # stored at start..start+E-1, wanted right before the window: move the query instead
-                    shift = plan.window_start - E - store.start
-                    parts.append((rope.rotate(qr, -shift), store.keys[:, r : r + b - a, :E], store.values[:, r : r + b - a, :E], False))
-                if n_s:  # pristine sink keys, rotated once to sit before everything evicted
-                    wanted = torch.arange(plan.window_start - E - n_s, plan.window_start - E)
-                    sk = rope.rotate(layer.pin_keys[:, a:b, :n_s], wanted - self.pin_pos[:n_s])
-                    parts.append((qr, sk, v[:, :, :n_s], False))
-                r += b - a
-            outs.append(attend_parts(qr, parts, scaling)[0])  # [1, q, (b-a)*g, Dv]
+
+        def far(r0, r1, qr):  # every evicted token, stored at start..start+E-1: move the query instead
+            if not E:
+                return []
+            shift = plan.window_start - E - store.start
+            return [(self.rope.rotate(qr, -shift), store.keys[:, r0:r1, :E], store.values[:, r0:r1, :E], False)]
+
+        out, _ = self._attend_runs(layer_idx, query, keys, values, scaling, E, far)
         layer.finish_step(plan)
         if layer.evicted is not None:
             self._store(layer_idx, layer.evicted, plan)
             layer.evicted = None
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out
 
     def _store(self, layer_idx: int, evicted, plan) -> None:
         """Keep the retrieval heads' keys/values of this step's evicted tokens (contiguous positions)."""
@@ -170,19 +232,8 @@ class DuoCache(StreamingCache):
     def nbytes(self) -> int:
         return super().nbytes() + sum(s.nbytes() for s in self.evicted if s is not None)
 
-    def head_bytes(self) -> dict:
-        """KV bytes held per kind of head (whole model): the measured memory saving."""
-        table = super().nbytes()
-        n_heads = self.heads.numel()
-        per_head_table = table / n_heads
-        n_r = int(self.heads.sum())
-        stored = sum(s.nbytes() for s in self.evicted if s is not None)
-        return {"retrieval_heads": n_r, "streaming_heads": n_heads - n_r,
-                "retrieval_bytes": int(per_head_table * n_r + stored), "streaming_bytes": int(per_head_table * (n_heads - n_r))}
-
     def describe(self) -> dict:
-        return {"policy": self.name, "sinks": self.sinks, "window": self.window, "pattern": self.pattern,
-                "sparsity": self.sparsity, "retrieval_heads": int(self.heads.sum())}
+        return {"policy": self.name, "sinks": self.sinks, "window": self.window, **self._duo_describe()}
 
     def state_dict(self, copy: bool = True) -> dict:
         state = super().state_dict(copy)
@@ -197,3 +248,67 @@ class DuoCache(StreamingCache):
         super().load_state_dict(state)
         self.evicted = [None if s is None else _Evicted(s["keys"].clone(), s["values"].clone(), s["start"], s["keys"].shape[2])
                         for s in state["duo"]["evicted"]]
+
+
+class DuoMemoryCache(_HeadRuns, MemoryCache):
+    """`duo` with retrieval="memory": streaming heads keep sinks + window, retrieval heads a block store
+    (built by `make_policy("duo", ..., retrieval="memory")`)."""
+
+    name = "duo"
+    retrieval = "memory"
+
+    def __init__(self, model, sinks: int = 64, window: int = 256, pattern: str = "embedded", sparsity: float = 0.5,
+                 block: int | None = None, topk: int | None = None, ram_mb: int | None = None, store_dir: str | None = None):
+        self.sparsity = _check_duo(sinks, window, sparsity)
+        self.pattern = pattern if isinstance(pattern, str) else "tensor"
+        self.heads = retrieval_mask(model, pattern, self.sparsity)  # [L, Hkv]
+        mem = {k: v for k, v in (("block", block), ("topk", topk), ("ram_mb", ram_mb), ("store_dir", store_dir)) if v is not None}
+        super().__init__(model, sinks=sinks, window=window, **mem)
+        self.runs = [_runs(m) for m in self.heads]
+
+    def gap(self) -> int:
+        return 0  # the slot table places sinks for the streaming heads; retrieval heads place theirs (below)
+
+    def _span(self) -> int:
+        """Positions the retrieved blocks occupy right before the window (memory's `gap`)."""
+        return MemoryCache.gap(self)
+
+    def attend(self, layer_idx, module, query, keys, values, scaling):
+        plan, layer = self._plan, self.layers[layer_idx]
+        mask = self.heads[layer_idx]
+        q = query.shape[2]
+        g = query.shape[1] // keys.shape[1]
+        span, ids = self._span(), []
+        if span and bool(mask.any()):
+            qh = (mask.nonzero()[:, 0, None] * g + torch.arange(g)).reshape(-1)  # query heads of the retrieval heads
+            ids = self._select(layer_idx, query[:, qh], span, plan.window_start)
+            mem_k, mem_v = self._fetch(layer_idx, ids)  # [1, H_r, G, D]
+        self.retrieved[layer_idx] = ids
+
+        def far(r0, r1, qr):
+            if not ids:
+                return []
+            shift = span - plan.window_start if self.placement == "contiguous" else 1 - plan.window_start
+            return [(self.rope.rotate(qr, shift), mem_k[:, r0:r1], mem_v[:, r0:r1], False)]
+
+        out, lse = self._attend_runs(layer_idx, query, keys, values, scaling, span if ids else 0, far)
+        layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse)
+        scores = layer.finish_step(plan)
+        if layer.evicted is not None:  # only the retrieval heads' part of each block is kept
+            ek, ev = layer.evicted
+            self._store_evicted(layer_idx, (ek[:, mask], ev[:, mask]), scores[mask], plan)
+            layer.evicted = None
+        return out
+
+    def describe(self) -> dict:
+        return {**MemoryCache.describe(self), **self._duo_describe()}
+
+    def state_dict(self, copy: bool = True) -> dict:
+        state = super().state_dict(copy)
+        state["duo"] = {"heads": self.heads.clone()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if not torch.equal(state["duo"]["heads"], self.heads):
+            raise ValueError("snapshot was taken with another head pattern than this duo cache's")
+        super().load_state_dict(state)

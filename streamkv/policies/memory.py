@@ -116,7 +116,7 @@ class MemoryCache(StreamingCache):
             parts = [(query, keys, values, False)]
         ids = []
         if plan.gap:
-            ids = self._select(layer_idx, query, plan)
+            ids = self._select(layer_idx, query, plan.gap, plan.window_start)
             mem_k, mem_v = self._fetch(layer_idx, ids)
             if self.placement == "contiguous":  # retrieved token j at window_start - G + j; its key at j
                 q_mem = rope.rotate(query, plan.gap - plan.window_start)
@@ -132,9 +132,10 @@ class MemoryCache(StreamingCache):
             layer.evicted = None
         return out
 
-    def _select(self, layer_idx: int, query: torch.Tensor, plan) -> list[int]:
+    def _select(self, layer_idx: int, query: torch.Tensor, gap: int, window_start: int) -> list[int]:
         """The K blocks whose representatives best match this step's last `SCORING_QUERIES` queries
-        (ascending block ids).
+        (ascending block ids). `query` holds the query heads of the KV heads the index has, in order; `gap`
+        positions sit right before `window_start` (the window's first position).
 
         Why the last few and not the whole chunk (InfLLM averages the chunk): the prediction that matters
         next comes from the last tokens, and the mean over a 512-token prefill chunk is dominated by what
@@ -147,7 +148,7 @@ class MemoryCache(StreamingCache):
         hkv = reps.shape[1]
         query = query[:, :, -SCORING_QUERIES:]  # [1, Hq, <=16, D]
         # the queries, moved so that position 0 (the representatives) sits mid-way in the gap
-        qbar = self.rope.rotate(query, plan.gap // 2 - plan.window_start).mean(dim=2)[0]  # [Hq, D]
+        qbar = self.rope.rotate(query, gap // 2 - window_start).mean(dim=2)[0]  # [Hq, D]
         qbar = qbar.view(hkv, -1, qbar.shape[-1])  # [Hkv, g, D]
         scores = torch.einsum("hgd,nhrd->nhgr", qbar.float(), reps.float()).amax(dim=-1).sum(dim=(1, 2))  # [n]
         return sorted(scores.topk(k).indices.tolist())
