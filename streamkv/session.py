@@ -248,7 +248,11 @@ class StreamSession:
             self.feed(closing)
         self.messages.append(reply)
         self._n_fed = len(self.messages)
-        if hasattr(self.policy, "end_turn"):  # sirllm: decay the scores of everything before this turn's end
+        self.end_turn()
+
+    def end_turn(self) -> None:
+        """A chat turn is over: policies that age their scores per turn (sirllm's decay) are told."""
+        if hasattr(self.policy, "end_turn"):
             self.policy.end_turn()
 
     # ---- introspection / persistence ---------------------------------------------------------------

@@ -51,8 +51,23 @@ def make_policy(name: str, model, **params):
     return POLICIES[name](model, **params)
 
 
-STRING_PARAMS = {"placement", "store_dir", "pattern"}
+STRING_PARAMS = {"placement", "store_dir", "pattern", "retrieval"}
 FLOAT_PARAMS = {"decay", "sparsity"}  # every other policy parameter is an integer
+
+
+def check_param_types(params: dict) -> None:
+    """The one check of policy parameter *types* for values that come from outside (JSON, a spec string):
+    strings for STRING_PARAMS (at most 256 characters), numbers for FLOAT_PARAMS, integers otherwise."""
+    for k, v in params.items():
+        if k in STRING_PARAMS:
+            ok = isinstance(v, str) and len(v) <= 256
+        elif k in FLOAT_PARAMS:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        if not ok:
+            raise ValueError(f"policy parameter {k}={v!r}: parameters are integers, except numbers for "
+                             f"{', '.join(sorted(FLOAT_PARAMS))} and strings for {', '.join(sorted(STRING_PARAMS))}")
 
 
 def split_policy_list(text: str) -> list[str]:
@@ -77,9 +92,16 @@ def max_resident_tokens(name: str, params: dict) -> int | None:
     with it before building anything. None = unbounded (`dense`). Raises ValueError for unknown names or
     parameters and for non-integer values."""
     p = {**check_policy_name(name, params), **params}
-    if any(not isinstance(v, int) or isinstance(v, bool) for k, v in p.items() if k not in STRING_PARAMS | FLOAT_PARAMS):
+    if any(not isinstance(v, int) or isinstance(v, bool) for k, v in p.items() if k not in STRING_PARAMS | FLOAT_PARAMS and v is not None):
         raise ValueError(f"policy {name!r} parameters must be integers, got {params}")
-    if name == "dense" or (name == "duo" and p["sparsity"] < 1):  # dense, or duo's retrieval heads: grow
+    if name == "duo":
+        if p["retrieval"] == "memory":  # as `memory` (its defaults where not given)
+            mem = policy_params("memory")
+            block, topk = p["block"] or mem["block"], p["topk"] or mem["topk"]
+            return 2 * p["sinks"] + p["window"] + block + topk * block
+        if p["sparsity"] < 1:  # retrieval heads keep every token
+            return None
+    if name == "dense":
         return None
     if name in ("sink", "duo"):
         return p["window"] + 2 * p["sinks"] + 1  # budget + the step's extra slot + pristine sink keys

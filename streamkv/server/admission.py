@@ -24,7 +24,12 @@ from .config import MIB, ServerConfig
 from .errors import BadRequest
 
 _MEMORY_DEFAULTS = policy_params("memory")
-SERVER_CHOSEN = {"store_dir"}  # policy parameters the server sets (a client must not pick a path on its disk)
+SERVER_CHOSEN = {"store_dir", "pattern"}  # policy parameters the server sets (a client must not pick a path on its disk)
+
+
+def server_params(cfg: ServerConfig, name: str, params: dict) -> dict:
+    """The parameters a session is built with: the client's, plus those the server sets (duo's pattern)."""
+    return {**params, "pattern": cfg.duo_pattern} if name == "duo" else params
 
 # Per-policy RAM held beyond the KV tier (bytes), for policies that keep evicted KV in memory. A policy
 # without an entry holds nothing else.
@@ -32,10 +37,15 @@ EXTRA_RESIDENT_BYTES: dict[str, Callable[[object, dict, ServerConfig], int]] = {
     # memory: its store's RAM tier (the cap; between steps it may hold one chunk's blocks more, not priced)
     # and the index of representative keys, which grows with the store: reps/block of the keys in float16
     # (a quarter of float32 K+V per `reps` per `block`), bounded by this server's per-session disk quota.
-    "memory": lambda model, p, cfg: p.get("ram_mb", _MEMORY_DEFAULTS["ram_mb"]) * MIB + (
-        cfg.max_session_disk_bytes * p.get("reps", _MEMORY_DEFAULTS["reps"])
-        // (4 * p.get("block", _MEMORY_DEFAULTS["block"]))),
+    "memory": lambda model, p, cfg: _store_bytes(p, cfg),
+    # duo with retrieval=memory: the same store, for its retrieval heads only (priced as if all were)
+    "duo": lambda model, p, cfg: _store_bytes(p, cfg) if p.get("retrieval") == "memory" else 0,
 }
+
+
+def _store_bytes(p: dict, cfg: ServerConfig) -> int:
+    get = lambda k: p.get(k) if p.get(k) is not None else _MEMORY_DEFAULTS[k]  # noqa: E731
+    return get("ram_mb") * MIB + cfg.max_session_disk_bytes * get("reps") // (4 * get("block"))
 
 
 @dataclass(frozen=True)
@@ -104,7 +114,7 @@ def check_policy(cfg: ServerConfig, model, name: str, params: dict) -> Price:
                          f"this server allows {cfg.max_step_tokens} (--max-step-tokens)", param="policy",
                          code="policy_too_costly")
     try:  # the remaining checks (e.g. sinks < budget) are the policy's own; it is small enough to build now
-        make_policy(name, model, **params)
+        make_policy(name, model, **server_params(cfg, name, params))
     except (ValueError, TypeError) as e:
         raise BadRequest(str(e), param="policy", code="invalid_value") from None
     return p

@@ -106,6 +106,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--max-sinks", type=int, default=D.max_sinks, help="most attention sinks a client may pick")
     c.add_argument("--max-step-tokens", type=_positive, default=D.max_step_tokens,
                    help="most tokens one decode step may run through the model (recompute: window + 1)")
+    c.add_argument("--duo-pattern", default=D.duo_pattern,
+                   help="head pattern file for duo sessions (`streamkv duo identify` writes one; DuoAttention's "
+                        "full_attention_heads.tsv works too); 'embedded' = the one shipped for the embedded model")
     s = p.add_argument_group("sessions, memory and disk")
     s.add_argument("--data-dir", default=default_data_dir(), help="SQLite database and snapshots (env STREAMKV_DATA)")
     s.add_argument("--max-resident-sessions", type=_positive, default=D.max_resident,
@@ -166,6 +169,7 @@ def config_from_args(args):
         chunk_size=args.chunk_size, shutdown_timeout=args.shutdown_timeout,
         allowed_policies=tuple(x.strip() for x in args.allowed_policies.split(",") if x.strip()),
         max_window=args.max_window, max_sinks=args.max_sinks, max_step_tokens=args.max_step_tokens,
+        duo_pattern=args.duo_pattern,
         max_sessions_per_key=args.max_sessions_per_key, max_session_disk_bytes=mb(args.max_session_disk_mb),
         max_disk_bytes_per_key=mb(args.max_disk_mb_per_key), max_metadata_bytes=args.max_metadata_bytes)
 

@@ -37,10 +37,11 @@ class ServerConfig:
     default_temperature: float = 0.0
     min_temperature: float = 1e-3  # below it (but above 0) sampling overflows; 0 means greedy
     # what clients may choose for their sessions
-    allowed_policies: tuple[str, ...] = ("sink", "window", "memory")  # `recompute` costs a full forward per token
+    allowed_policies: tuple[str, ...] = ("sink", "window", "memory", "h2o", "sirllm", "duo")  # `recompute` costs a full forward per token
     max_window: int = 65536  # range of the window parameter (the byte budgets below usually bind first)
     max_sinks: int = 64
     max_step_tokens: int = 256  # compute: tokens one decode step may run through the model (recompute: window+1)
+    duo_pattern: str = "embedded"  # the head pattern duo sessions use (clients cannot pick a file on the server)
     # memory (None = derived from the machine's memory at start-up)
     data_dir: str = "streamkv-data"
     max_resident: int = 16

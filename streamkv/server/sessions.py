@@ -28,9 +28,9 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import torch
 
-from ..policies import STRING_PARAMS, parse_policy_spec
+from ..policies import check_param_types, parse_policy_spec
 from ..session import StreamSession
-from .admission import Price, check_policy, price
+from .admission import Price, check_policy, price, server_params
 from .config import ServerConfig
 from .errors import (BadRequest, Busy, Conflict, NotFound, QuotaExceeded, ServerError, Unauthorized,  # noqa: F401
                      Unavailable)
@@ -70,6 +70,7 @@ class ServerSession(StreamSession):
         self._log_ids: list[int] = []
         self._log_runs: list[list[int]] = []  # [[forward length, count], ...]
         self._logged_messages = 0  # messages already in the committed log
+        self._log_turn_ends = 0  # policy.end_turn() calls (sirllm's decay) since the last record
 
     def _forward(self, chunk: torch.Tensor, all_logits: bool) -> torch.Tensor:
         if self.recording:
@@ -85,13 +86,18 @@ class ServerSession(StreamSession):
         """The turn log record of everything since the last one (called at commit)."""
         record = {"runs": self._log_runs, "ids": self._log_ids,
                   "after": {"messages": self.messages[self._logged_messages:], "messages_fed": self._n_fed,
-                            "prompt_tokens": self._prompt_tokens, "kind": self.kind}}
-        self._log_ids, self._log_runs, self._logged_messages = [], [], len(self.messages)
+                            "prompt_tokens": self._prompt_tokens, "kind": self.kind, "turn_ends": self._log_turn_ends}}
+        self._log_ids, self._log_runs, self._logged_messages, self._log_turn_ends = [], [], len(self.messages), 0
         return record
 
     def mark_committed(self) -> None:
         """After loading a snapshot or replaying the log: the in-memory state is what the log holds."""
-        self._log_ids, self._log_runs, self._logged_messages = [], [], len(self.messages)
+        self._log_ids, self._log_runs, self._logged_messages, self._log_turn_ends = [], [], len(self.messages), 0
+
+    def end_turn(self) -> None:
+        if self.recording:
+            self._log_turn_ends += 1
+        super().end_turn()
 
     def replay(self, records: list[dict]) -> None:
         """Rebuild the stream from the turn log: the same ids through the same forward lengths."""
@@ -104,6 +110,8 @@ class ServerSession(StreamSession):
                     self.feed(ids[off:off + length * count])
                     off += length * count
                 after = rec["after"]
+                for _ in range(after.get("turn_ends", 0)):  # a turn ends after its last feed (chat's closing)
+                    self.end_turn()
                 self.messages.extend(after["messages"])
                 self._n_fed, self._prompt_tokens, self.kind = after["messages_fed"], after["prompt_tokens"], after["kind"]
         finally:
@@ -141,10 +149,10 @@ def parse_policy(spec: str | dict | None, default: tuple[str, dict]) -> tuple[st
         name = params.pop("name", None)
         if not isinstance(name, str):
             raise BadRequest("policy object needs a string 'name'", param="policy")
-        if any(not isinstance(v, str) or len(v) > 256 if k in STRING_PARAMS else not isinstance(v, int) or isinstance(v, bool)
-               for k, v in params.items()):
-            raise BadRequest(f"policy parameters must be integers (strings for {', '.join(sorted(STRING_PARAMS))})",
-                             param="policy")
+        try:
+            check_param_types(params)
+        except ValueError as e:
+            raise BadRequest(str(e), param="policy") from None
     else:
         raise BadRequest("policy must be a string like 'sink:sinks=4,window=1020' or an object", param="policy")
     return name, params
@@ -207,7 +215,8 @@ class SessionManager:
     def new_session(self, name: str, params: dict, sid: str | None = None) -> ServerSession:
         """A fresh session; a `memory` session keeps its block store in the data folder (memory/<sid>, deleted
         with the session), or in a temporary folder for a stateless request."""
-        if name == "memory" and sid is not None:
+        params = server_params(self.cfg, name, params)
+        if (name == "memory" or params.get("retrieval") == "memory") and sid is not None:
             params = {**params, "store_dir": str(self.store.memory_dir(sid))}
         return ServerSession(self.model, self.tokenizer, name, chunk_size=self.chunk_size, **params)
 
