@@ -159,14 +159,16 @@ def run(args) -> int:
             text = answer(session, args.max_new_tokens)
             samples.append({"length": L, "depth": d, "trial": t, "tokens": len(ids), "actual_depth": round(p.actual_depth, 4),
                             "key": p.key, "key_distance": p.key_distance + (len(ids) - len(p.ids)),
-                            "answer": text, "correct": score(text, p.key)})
+                            "answer": text, "correct": score(text, p.key),
+                            "kv_bytes": policy.used_bytes() if hasattr(policy, "used_bytes") else policy.nbytes()})
             bar.update(1)
         bar.close()
         acc = {str(L): {str(d): _mean([s["correct"] for s in samples if s["length"] == L and s["depth"] == d])
                         for d in depths} for L in lengths}
         entry = {"label": spec.label, "policy": spec.name, "params": spec.resolved_params(), "budget": budget,
                  "seconds": round(time.perf_counter() - t0, 1), "mean_accuracy": _mean([s["correct"] for s in samples]),
-                 "accuracy": acc, "samples": samples}
+                 "accuracy": acc, "samples": samples,
+                 "kv_bytes": {str(L): round(_mean([s["kv_bytes"] for s in samples if s["length"] == L])) for L in lengths}}
         if budget is not None:
             inside = [s["correct"] for s in samples if s["key_distance"] <= budget]
             outside = [s["correct"] for s in samples if s["key_distance"] > budget]

@@ -427,6 +427,12 @@ class StreamingCache(Cache):
         """Bytes held by the KV buffers (allocated, not just filled)."""
         return sum(layer.nbytes() for layer in self.layers)
 
+    def used_bytes(self) -> int:
+        """Bytes of the keys/values actually kept (filled slots, pristine sink copies): what a policy needs,
+        whatever its buffers' spare capacity. Policies that keep KV outside the slot table add theirs."""
+        return sum(sum(t[:, :, : self.n_used].numel() * t.element_size() for t in (l.keys, l.values))
+                   + l.pin_keys.numel() * l.pin_keys.element_size() for l in self.layers if l.is_initialized)
+
     def describe(self) -> dict:
         return {"policy": self.name, "budget": self.budget, "sinks": self.sinks}
 

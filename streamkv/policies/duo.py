@@ -232,6 +232,9 @@ class DuoCache(_HeadRuns, StreamingCache):
     def nbytes(self) -> int:
         return super().nbytes() + sum(s.nbytes() for s in self.evicted if s is not None)
 
+    def used_bytes(self) -> int:
+        return super().used_bytes() + sum(s.nbytes() * s.n // s.keys.shape[2] for s in self.evicted if s is not None)
+
     def describe(self) -> dict:
         return {"policy": self.name, "sinks": self.sinks, "window": self.window, **self._duo_describe()}
 

@@ -201,6 +201,10 @@ class MemoryCache(StreamingCache):
         fetched = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for _, k, v in self._fetched.values())
         return super().nbytes() + fetched
 
+    def used_bytes(self) -> int:
+        fetched = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for _, k, v in self._fetched.values())
+        return super().used_bytes() + fetched
+
     def index_bytes_per_token(self) -> float:
         """RAM the index of representatives costs per evicted token (float16, `reps` keys per block)."""
         cfg = self.model_config

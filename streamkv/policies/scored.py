@@ -209,6 +209,9 @@ class ScoredCache(StreamingCache):
     def nbytes(self) -> int:
         return super().nbytes() + sum(hs.nbytes() for hs in self.sets if hs is not None)
 
+    def used_bytes(self) -> int:
+        return super().used_bytes() + sum(hs.nbytes() * hs.n // hs.keys.shape[2] for hs in self.sets if hs is not None)
+
     def describe(self) -> dict:
         return {"policy": self.name, "sinks": self.sinks, "window": self.window, "heavy": self.heavy}
 
