@@ -304,7 +304,8 @@ def merge(paths: list[str], out: str, plot: str | None) -> dict:
     labels = [p["label"] for p in merged["policies"]]
     if len(set(labels)) != len(labels):
         raise EvalError(f"cannot merge: a policy appears in several results ({', '.join(labels)})")
-    merged["mode"] = sorted({r.get("mode") for r in runs})
+    merged["mode"] = sorted({m for r in runs for m in (r.get("mode") if isinstance(r.get("mode"), list) else [r.get("mode")])})
+    merged["merged_from"] = [m for r, f in zip(runs, merged["merged_from"]) for m in (r.get("merged_from") or [f])]
     if base.get("sample"):
         per_pos = {p["label"]: (np.array(p["sampled"]["position"]), np.array(p["sampled"]["nll"]))
                    for p in merged["policies"] if "sampled" in p}
