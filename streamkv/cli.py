@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length at the end (default 8)")
     p.set_defaults(func=cmd_demo)
 
-    for module in ("streamkv.evaluation.commands", "streamkv.server.commands"):
+    for module in ("streamkv.evaluation.commands", "streamkv.server.commands", "streamkv.identify"):  # identify: `duo identify`
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError as e:
