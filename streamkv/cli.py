@@ -182,7 +182,8 @@ def cmd_info(args) -> int:
         ("KV per token", f"{bytes_per_token / 1024:.1f} KiB"),
         ("KV cache bound", "none (grows with the stream)" if budget is None or session.policy.name == "dense"
          else f"{(budget + 1) * bytes_per_token / 2**20:.1f} MiB for {budget} attended tokens (+ the chunk being fed)"),
-        *([("memory store", f"evicted KV in RAM up to {session.policy.ram_mb} MiB, then on disk ({bytes_per_token / 1024:.1f} KiB "
+        *([("memory store", f"evicted KV in RAM up to {session.policy.ram_mb} MiB, then on disk "
+                            f"({bytes_per_token * session.policy.stored_fraction / 1024:.1f} KiB "
                             f"per evicted token) in {session.policy.store.directory}; index "
                             f"{session.policy.index_bytes_per_token():.0f} B per token stays in RAM")]
           if hasattr(session.policy, "store") else []),

@@ -268,6 +268,7 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
         mem = {k: v for k, v in (("block", block), ("topk", topk), ("ram_mb", ram_mb), ("store_dir", store_dir)) if v is not None}
         super().__init__(model, sinks=sinks, window=window, **mem)
         self.runs = [_runs(m) for m in self.heads]
+        self.stored_fraction = float(self.heads.float().mean())
 
     def gap(self) -> int:
         return 0  # the slot table places sinks for the streaming heads; retrieval heads place theirs (below)

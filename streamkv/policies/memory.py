@@ -205,11 +205,13 @@ class MemoryCache(StreamingCache):
         fetched = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for _, k, v in self._fetched.values())
         return super().used_bytes() + fetched
 
+    stored_fraction = 1.0  # of the KV heads, those whose evicted keys/values go to the store (duo: retrieval heads)
+
     def index_bytes_per_token(self) -> float:
         """RAM the index of representatives costs per evicted token (float16, `reps` keys per block)."""
         cfg = self.model_config
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        return 2 * self.n_layers * kv_heads * self.rope.head_dim * self.reps / self.block
+        return 2 * self.n_layers * kv_heads * self.rope.head_dim * self.reps / self.block * self.stored_fraction
 
     def index_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.index if t is not None)
