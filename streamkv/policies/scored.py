@@ -121,8 +121,9 @@ class ScoredCache(StreamingCache):
             N = hs.n
             place = torch.arange(plan.window_start - N, plan.window_start)  # [N], the same for every head
             delta = place[None, :] - hs.pos[:, :N]  # [H, N]
-            cos, sin = self.rope.cos_sin(delta.reshape(-1))  # [H*N, rd]
-            heavy_k = self.rope.apply(hs.keys[:, :, :N], cos.view(*delta.shape, -1), sin.view(*delta.shape, -1))
+            rope = self.rope_for_layer(layer_idx)  # this layer's own rotation (layers may differ)
+            cos, sin = rope.cos_sin(delta.reshape(-1))  # [H*N, rd]
+            heavy_k = rope.apply(hs.keys[:, :, :N], cos.view(*delta.shape, -1), sin.view(*delta.shape, -1))
             parts.append((query, heavy_k, hs.values[:, :, :N], False))
         out, lse = attend_parts(query, parts, scaling)
         if self.observe:  # exact: every query row (H2O accumulates the attention each token received)
