@@ -10,8 +10,10 @@ Models differ in how they rotate, and layers of one model may differ too, so eve
 * which frequencies: the model's `inv_freq` buffer, or one of several per layer type
   (`full_attention_inv_freq`, `sliding_attention_inv_freq`: Gemma 3, OLMo 3, ModernBERT-decoder), or a
   sinusoid table (`embed_positions`: GPT-J, CodeGen) whose frequencies are read back from it;
-* which dims rotate: all, the leading ones (partial rotary: Phi, GPT-NeoX) or the trailing ones (the rope
-  part of multi-head latent attention keys: DeepSeek V2/V3, MiniCPM3);
+* which dims rotate: all, the leading ones (partial rotary: Phi, GPT-NeoX) or the trailing ones;
+* which cached tensor rotates: the keys, or the values: multi-head latent attention (DeepSeek V2/V3,
+  MiniCPM3, GLM-4 MoE Lite) caches its position-free latent in the key slot and the shared rotated rope
+  key in the value slot, and expands both inside attention;
 * how dims pair up: rotate-half (i, i + r/2) (Llama) or interleaved (2i, 2i + 1) (GPT-J, GLM, Cohere);
 * or no rotation at all: a NoPE layer (SmolLM3's every 4th layer, the global layers of EXAONE 4) keeps
   its keys as computed; only their order matters.
@@ -55,6 +57,7 @@ class RopeSpec:
     offset: int = 0  # first rotating dim: 0 (leading, partial rotary) or head_dim - rotary_dim (MLA's rope part)
     interleaved: bool = False  # pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
     sign: int = 1  # -1: the model rotates the other way (NanoChat's rotate_half)
+    slot: str = "keys"  # the cached tensor that rotates: "values" for latent MLA caches (DeepSeek V2/V3)
     source: str = ""  # where the frequencies come from (a buffer's name), for messages
     module: torch.nn.Module | None = None  # frequencies read live from getattr(module, attr) (longrope may swap them) ...
     attr: str = "inv_freq"
@@ -74,7 +77,8 @@ class RopeSpec:
         a, b = self.offset, self.offset + self.rotary_dim
         where = f"dims {a}:{b} of {self.head_dim}" if (a, b) != (0, self.head_dim) else f"all {self.head_dim} dims"
         layout = "interleaved pairs" if self.interleaved else "rotate-half"
-        return f"{where} rotate ({layout}{', reversed' if self.sign < 0 else ''}) at {self.source}"
+        what = "" if self.slot == "keys" else " of the cached values (the rope keys of a latent MLA cache)"
+        return f"{where}{what} rotate ({layout}{', reversed' if self.sign < 0 else ''}) at {self.source}"
 
     def cos_sin(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [n, rotary_dim] of a rotation by `delta` [n] positions.
@@ -201,19 +205,20 @@ def _probe(model: torch.nn.Module) -> list[RopeSpec | None]:
     for i in attention:
         kind = layer_types[i] if i < len(layer_types) else None
         specs[i] = _fit_layer(model, i, kind, base[i], [shifted[d][i] for d in PROBE_DELTAS], sources, made)
-    for i in attention:  # values must not depend on position: only keys are re-placed
         if not moves(i, 1):
             continue
-        v0 = base_kv[i][1]
-        rotated = any(spec.rotates and all(_close(spec.rotate(v0.float(), d), shifted_kv[d][i][1], v0) for d in PROBE_DELTAS)
-                      for spec in _candidates(None, v0.shape[-1], sources, {}))
-        how = ("they are rotated keys: a multi-head latent attention cache holds the position-free latent in the key "
-               "slot and the rotated rope key in the value slot (DeepSeek V2/V3, MiniCPM3, GLM-4 MoE Lite)" if rotated
-               else "positions are added to the hidden states (absolute positions)")
-        raise UnsupportedModelError(
-            f"{_describe(model)}: layer {i}'s cached values change with the token's position ({how}). streamkv "
-            "re-places cached tokens by rotating keys only, so it cannot stream this model yet."
-        )
+        # the values move: a latent MLA cache (position-free latent as keys, rotated rope key as values), or
+        # absolute positions
+        v0, vd = base_kv[i][1], [shifted_kv[d][i][1] for d in PROBE_DELTAS]
+        fit = None if specs[i].rotates else _fit(kind, v0, vd, sources, made, slot="values")
+        if fit is None or not fit.rotates:
+            raise UnsupportedModelError(
+                f"{_describe(model)}: layer {i}'s cached values change with the token's position, "
+                + ("and its keys too" if specs[i].rotates else "not by a rotation streamkv knows")
+                + ": positions reach the values (absolute positions added to the hidden states?). streamkv re-places "
+                "cached tokens by rotating them, so it cannot stream this model."
+            )
+        specs[i] = fit
     if not any(spec.rotates for spec in specs if spec is not None):
         raise UnsupportedModelError(
             f"{_describe(model)}: no layer's keys depend on the position_ids, although the model has rotary frequencies "
@@ -324,7 +329,7 @@ def _close(expected: torch.Tensor, got: torch.Tensor, k0: torch.Tensor) -> bool:
     return err <= _tolerance(k0) * (k0.float().abs().max().item() + 1e-6) + 1e-5
 
 
-def _candidates(kind, head_dim, sources, made):
+def _candidates(kind, head_dim, sources, made, slot="keys"):
     """Descriptions to try for a layer: the frequencies named after its layer type first, then the others;
     each as rotate-half or interleaved pairs, on the leading or trailing dims, either direction; then NoPE."""
     ordered = sorted(sources, key=lambda s: not (kind and s[2].startswith(f"{kind}_")))
@@ -336,9 +341,9 @@ def _candidates(kind, head_dim, sources, made):
         for interleaved in (False, True):
             for sign in (1, -1):
                 for offset in dict.fromkeys((0, head_dim - rd)):
-                    key = (name, head_dim, rd, offset, interleaved, sign)
+                    key = (name, head_dim, rd, offset, interleaved, sign, slot)
                     if key not in made:
-                        made[key] = RopeSpec(head_dim, rd, offset, interleaved, sign, name, module, attr, fixed)
+                        made[key] = RopeSpec(head_dim, rd, offset, interleaved, sign, slot, name, module, attr, fixed)
                     yield made[key]
     key = ("nope", head_dim)
     if key not in made:
@@ -346,11 +351,20 @@ def _candidates(kind, head_dim, sources, made):
     yield made[key]
 
 
-def _fit_layer(model, layer, kind, k0, shifted, sources, made) -> RopeSpec:
-    head_dim = k0.shape[-1]
-    for spec in _candidates(kind, head_dim, sources, made):
-        if all(_close(spec.rotate(k0.float(), d), kd, k0) for d, kd in zip(PROBE_DELTAS, shifted)):
+def _fit(kind, x0, shifted, sources, made, slot="keys") -> RopeSpec | None:
+    """The first description under which `x0` (a layer's cached tensor at position 0) re-placed by d is
+    its tensor at position d, for every probe delta; None if none fits."""
+    for spec in _candidates(kind, x0.shape[-1], sources, made, slot):
+        if all(_close(spec.rotate(x0.float(), d), xd, x0) for d, xd in zip(PROBE_DELTAS, shifted)):
             return spec
+    return None
+
+
+def _fit_layer(model, layer, kind, k0, shifted, sources, made) -> RopeSpec:
+    """The description of layer `layer`'s keys, or the refusal saying why none fits."""
+    spec = _fit(kind, k0, shifted, sources, made)
+    if spec is not None:
+        return spec
     d, kd = PROBE_DELTAS[0], shifted[0]
     norm0, normd = k0.float().norm(dim=-1), kd.float().norm(dim=-1)  # a rotation keeps each head's key norm
     tried = ", ".join(name for name, *_ in sources)

@@ -115,18 +115,20 @@ class StreamingLayer(CacheLayerMixin):
 
     def __init__(self, observe: bool = False):
         super().__init__()
-        self.pin_keys: torch.Tensor | None = None  # pristine keys of pinned tokens [B, H, sinks, D]
+        self.pin_keys: torch.Tensor | None = None  # pristine copies of pinned tokens' rotating tensor [B, H, sinks, D]
+        # (their keys; their values for a latent MLA cache, whose value slot holds the rotated rope keys)
         self.observe = observe
         self.received: torch.Tensor | None = None  # observe: attention received per slot [H, capacity]
         self.received_view: torch.Tensor | None = None  # ... in the order of the keys returned this step
         self.evicted: tuple | None = None  # copies of this step's evicted keys/values [B, H, e, D]
 
-    def lazy_initialization(self, key_states, value_states, capacity: int = 0, sinks: int = 0) -> None:
+    def lazy_initialization(self, key_states, value_states, capacity: int = 0, sinks: int = 0, slot: str = "keys") -> None:
         b, h, _, d = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
         self.keys = key_states.new_zeros((b, h, capacity, d))
-        self.values = value_states.new_zeros((b, h, capacity, value_states.shape[-1]))
-        self.pin_keys = key_states.new_zeros((b, h, sinks, d))
+        self.values = value_states.new_zeros((b, value_states.shape[1], capacity, value_states.shape[-1]))
+        rotating = value_states if slot == "values" else key_states
+        self.pin_keys = rotating.new_zeros((b, rotating.shape[1], sinks, rotating.shape[-1]))
         if self.observe:
             self.received = torch.zeros((h, capacity), dtype=torch.float32, device=key_states.device)
         self.is_initialized = True
@@ -148,15 +150,17 @@ class StreamingLayer(CacheLayerMixin):
         """Apply the step's plan to this layer's buffers; `rope` is this layer's own description (a NoPE
         layer's keys are never rotated, only moved)."""
         if not self.is_initialized:
-            self.lazy_initialization(k, v, plan.capacity, sinks)
+            self.lazy_initialization(k, v, plan.capacity, sinks, rope.slot)
         self.grow(plan.capacity)
         self.evicted = None
+        # the tensor whose rows carry the rotation: the keys, or (latent MLA cache) the values
+        rotating, new = (self.values, v) if rope.slot == "values" else (self.keys, k)
         if plan.rot_slots.numel() and rope.rotates:
-            self.keys[:, :, plan.rot_slots] = rope.apply(self.keys[:, :, plan.rot_slots], *plan.cos_sin(rope, "rot"))
+            rotating[:, :, plan.rot_slots] = rope.apply(rotating[:, :, plan.rot_slots], *plan.cos_sin(rope, "rot"))
         for offset, j in plan.new_pins:
-            self.pin_keys[:, :, j] = k[:, :, offset]
+            self.pin_keys[:, :, j] = new[:, :, offset]
         if plan.pin_slots.numel():
-            self.keys[:, :, plan.pin_slots] = rope.apply(self.pin_keys[:, :, plan.pin_idx], *plan.cos_sin(rope, "pin"))
+            rotating[:, :, plan.pin_slots] = rope.apply(self.pin_keys[:, :, plan.pin_idx], *plan.cos_sin(rope, "pin"))
         if plan.append_slot is not None:  # decode: no copy, attend over a view
             self.keys[:, :, plan.append_slot] = k[:, :, 0]
             self.values[:, :, plan.append_slot] = v[:, :, 0]
@@ -230,6 +234,13 @@ class StreamingCache(Cache):
         # attention layer's, enough for models whose layers all rotate alike: per-layer code uses rope_for_layer
         self.ropes = rope_layers(model)
         self.rope = next(spec for spec in self.ropes if spec is not None)
+        custom = hasattr(self, "attend") or self.observe or self.keeps_evicted or self.reserved
+        if custom and any(spec is not None and spec.slot != "keys" for spec in self.ropes):
+            raise UnsupportedModelError(
+                f"policy {self.name!r} rotates and attends cached keys itself, but this model caches a multi-head "
+                "latent attention latent (its keys are expanded inside attention, the rotating rope keys sit in the "
+                "value slot); use sink, window or dense for it."
+            )
         config = text_config(model.config)  # multimodal wrappers nest the decoder's config
         self.n_layers = config.num_hidden_layers
         # Bounded caches reorder tokens inside the buffer, which a sliding-window mask (index arithmetic)
@@ -485,7 +496,8 @@ class StreamingCache(Cache):
         for saved in state["layers"]:
             layer = StreamingLayer(self.observe)
             if saved is not None:
-                layer.lazy_initialization(saved["keys"], saved["values"], cap, self.sinks)
+                slot = self.ropes[len(self.layers)].slot
+                layer.lazy_initialization(saved["keys"], saved["values"], cap, self.sinks, slot)
                 layer.keys[:, :, : self.n_used] = saved["keys"]
                 layer.values[:, :, : self.n_used] = saved["values"]
                 layer.pin_keys.copy_(saved["pin_keys"])
