@@ -1,7 +1,8 @@
 """Tiny randomly initialised models of several architectures, built in code (no downloads)."""
 import torch
-from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (CohereConfig, CohereForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPTNeoXConfig,
+                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -16,6 +17,16 @@ ARCHS = {
     "phi3": lambda n: Phi3ForCausalLM(Phi3Config(num_hidden_layers=n, num_key_value_heads=2, partial_rotary_factor=0.5, **COMMON)),
     # GPT-NeoX: fused QKV, rotary on 25% of each head
     "gpt_neox": lambda n: GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=n, **COMMON)),
+    # layers that rotate differently (rope.py: one description per layer)
+    # Gemma 3: local layers at sliding_attention_inv_freq, global ones at full_attention_inv_freq; the window
+    # is wider than any budget the tests use (window layouts per layer are not streamkv's yet)
+    "gemma3": lambda n: Gemma3ForCausalLM(Gemma3TextConfig(
+        num_hidden_layers=n, num_key_value_heads=2, head_dim=16, sliding_window=512,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)], **COMMON)),
+    # SmolLM3: every 2nd layer is NoPE (keys never rotated)
+    "smollm3": lambda n: SmolLM3ForCausalLM(SmolLM3Config(num_hidden_layers=n, num_key_value_heads=2, no_rope_layer_interval=2, **COMMON)),
+    # Cohere: interleaved rotary pairs (2i, 2i+1)
+    "cohere": lambda n: CohereForCausalLM(CohereConfig(num_hidden_layers=n, num_key_value_heads=2, **COMMON)),
 }
 
 
