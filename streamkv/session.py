@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .policies import Recompute, StreamingCache, make_policy
+from .rope import text_config
 from .sampling import Sampler, SamplingParams
 
 
@@ -57,7 +58,7 @@ class StreamSession:
             ids = list(data)
         if not ids:
             raise ValueError("empty input: nothing to feed")
-        vocab = self.model.config.vocab_size
+        vocab = text_config(self.model.config).vocab_size  # multimodal wrappers nest the decoder's config
         bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
         if bad:
             raise ValueError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
