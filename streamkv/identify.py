@@ -167,9 +167,9 @@ class NeedleSample:
 
 
 def needle_sample(tokenizer, context: int, seed: int, index: int, sinks: int, recent: int) -> NeedleSample:
-    """Sample `index` of a deterministic stream: length in [context/2, context], the key sentence placed past the
-    sinks and before the recent window (only there does streaming attention lose it, so only there do the
-    prompts tell retrieval heads apart), a fresh 5-digit key each time."""
+    """Sample `index` of a deterministic stream: length in [context/2, context], the whole key sentence (it holds
+    the key twice) past the sinks and before the recent window (only there does streaming attention lose it, so
+    only there do the prompts tell retrieval heads apart), a fresh 5-digit key each time."""
     from .evaluation.passkey import EvalError, make_key, make_prompt
 
     rng = random.Random(f"streamkv-identify-{seed}-{index}")
@@ -180,7 +180,7 @@ def needle_sample(tokenizer, context: int, seed: int, index: int, sinks: int, re
             p = make_prompt(tokenizer, length, depth, key)
         except EvalError:  # shorter than the prompt's fixed text
             continue
-        if p.key_start >= sinks and p.key_distance > recent:
+        if p.key_start >= sinks and len(p.ids) - p.key_end >= recent:  # no part of the key sentence in view
             break
     else:
         raise ValueError(f"context {context} is too short to hide a pass key beyond {sinks} sink and {recent} recent "
@@ -428,9 +428,10 @@ IDENTIFY_DESCRIPTION = (
     "sinks + a recent window (streaming heads), and write a DuoAttention pattern file (full_attention_heads.tsv "
     "format, one line per layer, one gate in [0, 1] per KV head). Runs on short synthetic passkey prompts. "
     "--method optimize (default) trains one gate per KV head as DuoAttention does (frozen model, distillation "
-    "+ L1); --method retrieval measures the Retrieval Head copy score (Wu et al. 2024). Time on a 2-core CPU "
-    "with the embedded 135M model at --context 1024: about 12 s per optimisation step (default 120 steps, "
-    "~25 min) or 3 s per retrieval prompt (default 40, ~2 min); larger models scale with their size. "
+    "+ L1); --method retrieval measures the Retrieval Head copy score (Wu et al. 2024). Time with the "
+    "embedded 135M model at --context 1024, --threads 1 on a 2-core Xeon: 8-11 s per optimisation step "
+    "(default 120 steps: 16-22 min) or 2 s per retrieval prompt (default 40: ~1.5 min); time grows with model "
+    "size and context. "
     "Interrupted runs resume from OUT.partial.pt. Afterwards pass the file to the duo cache policy: "
     "--policy duo:pattern=OUT,sparsity=0.5 (sparsity = fraction of heads that become streaming). "
     "The embedded model already ships a pattern (pattern=embedded)."
