@@ -3,7 +3,6 @@
 File format and sparsity rule against upstream (mit-han-lab/duo-attention, fixture in tests/data/), the
 gate-mixing attention against independent references on a tiny model, identification end to end with resume,
 and the Retrieval Head ablation on the embedded model."""
-import json
 from pathlib import Path
 
 import numpy as np
