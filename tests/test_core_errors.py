@@ -25,7 +25,7 @@ def model():
     ("recompute", dict(window=0), "window must be a positive integer"),
     ("sink", dict(budget=10), "takes sinks, window; got unknown budget"),
     ("dense", dict(window=10), "takes no parameters; got unknown window"),
-    ("lru", {}, "unknown policy 'lru'; choose one of: dense, window, sink, memory, recompute"),
+    ("lru", {}, "unknown policy 'lru'; choose one of: dense, window, sink, memory, h2o, sirllm, duo, recompute"),
 ])
 def test_invalid_policy_parameters(model, name, params, message):
     with pytest.raises(ValueError, match=message):
