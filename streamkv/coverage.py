@@ -375,10 +375,11 @@ _REASON_GROUPS = [
 
 # what the table cannot say by itself (kept here so that regenerating the table keeps it)
 NOTES = [
-    "Beam (`beam`) was EXACT before only within the tolerance (error 9e-5 of the logits' scale, 100x float "
-    "noise): its NoPE layers scale queries by `(1 + position / 2048) ** 0.1`, so a token's output depends on "
-    "its absolute position, which streamkv chooses (positions restart). The probe now feeds the same tokens "
-    "1000 positions later and refuses any model whose logits change (the change is 1e-2 there).",
+    "Beam (`beam`): with its per-layer-type frequencies found, streaming it came within the tolerance (9e-5 of "
+    "the logits' scale, 100x float noise), because its NoPE layers scale queries by `(1 + position / 2048) ** "
+    "0.1`: a token's output depends on its absolute position, which streamkv chooses (positions restart). The "
+    "probe feeds the same tokens 1000 positions later and refuses a model whose logits change (by 1e-2 here): "
+    "Beam stays refused, now for its true reason.",
     "Local/global models (Gemma 2/3/4, gpt-oss, Granite SWA, MiMo-V2-Flash, ModernBERT-decoder, ...) are EXACT "
     "for budgets inside their sliding window; a larger budget is refused by the cache (`budget + 1 > "
     "sliding_window`): per-layer budgets are not built yet.",
