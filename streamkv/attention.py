@@ -84,6 +84,18 @@ def attend_parts(query: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tens
     return out.transpose(1, 2).contiguous(), total  # [1, q, Hq, Dv]
 
 
+def local_parts(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int = 0) -> list[tuple]:
+    """The `attend_parts` parts of a step over the keys a cache's `update()` returned, from index `first` on
+    (a policy may show its sinks elsewhere). Decode (one query): the new token sits somewhere in the view
+    and sees all of it. A chunk of q tokens: the q new ones are the last keys, attended causally, after
+    the earlier ones, which every new token sees."""
+    q, n = query.shape[2], keys.shape[2]
+    if q == 1:
+        return [(query, keys[:, :, first:], values[:, :, first:], False)]
+    earlier = [(query, keys[:, :, first : n - q], values[:, :, first : n - q], False)] if n - q > first else []
+    return earlier + [(query, keys[:, :, n - q :], values[:, :, n - q :], True)]
+
+
 def received_attention(query: torch.Tensor, keys: torch.Tensor, n_new: int, scaling: float, total_lse: torch.Tensor,
                        max_rows: int | None = 64) -> torch.Tensor:
     """The attention each of `keys` [1, Hkv, n, D] received from the queries, summed over the query heads of its

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import attend_parts, received_attention
+from ..attention import attend_parts, local_parts, received_attention
 from .base import StreamingCache
 from .memory import MemoryCache
 from .scored import positive_int
@@ -101,21 +101,14 @@ class _HeadRuns:
         before the window) and the sinks, rotated from their pristine copies to sit right before that.
         Returns (output [1, q, Hq, Dv], log-sum-exp [1, Hq, q])."""
         plan, layer, rope = self._plan, self.layers[layer_idx], self.rope_for_layer(layer_idx)
-        q, n = query.shape[2], keys.shape[2]
+        q = query.shape[2]
         g = query.shape[1] // keys.shape[1]
         n_s = min(self.sinks, self.seen - q)  # sinks kept before this step: slots 0..n_s-1 (kept in stream order)
-        old = n - q if q > 1 else n  # keys kept before this step (decode: the view holds the new token too)
         outs, lses, r = [], [], 0  # r: index of the run's first head among the layer's retrieval heads
         for a, b, retrieval in self.runs[layer_idx]:
             qr = query[:, a * g : b * g]  # [1, (b-a)*g, q, D]
             k, v = keys[:, a:b], values[:, a:b]  # views
-            first = n_s if retrieval else 0  # retrieval heads see the sinks elsewhere (below)
-            if q > 1:
-                parts = [(qr, k[:, :, n - q :], v[:, :, n - q :], True)]
-                if old > first:
-                    parts.append((qr, k[:, :, first:old], v[:, :, first:old], False))
-            else:
-                parts = [(qr, k[:, :, first:], v[:, :, first:], False)]
+            parts = local_parts(qr, k, v, first=n_s if retrieval else 0)  # retrieval heads see the sinks elsewhere (below)
             if retrieval:
                 parts += far(r, r + b - a, qr)
                 if n_s:  # pristine sink keys, rotated once to sit before the long context

@@ -41,7 +41,7 @@ import uuid
 
 import torch
 
-from ..attention import attend_parts, received_attention
+from ..attention import attend_parts, local_parts, received_attention
 from .base import StreamingCache
 from .blockstore import BlockStore
 
@@ -107,13 +107,8 @@ class MemoryCache(StreamingCache):
     # ---- attention ----------------------------------------------------------------------------------
     def attend(self, layer_idx, module, query, keys, values, scaling):
         plan, layer, rope = self._plan, self.layers[layer_idx], self.rope_for_layer(layer_idx)
-        q, n = query.shape[2], keys.shape[2]
-        if q > 1:  # chunk path: the q new tokens are the last local keys, attended causally
-            parts = [(query, keys[:, :, : n - q], values[:, :, : n - q], False), (query, keys[:, :, n - q :], values[:, :, n - q :], True)]
-            if n == q:
-                parts = parts[1:]
-        else:  # decode: the new token sits somewhere in the view and sees all of it
-            parts = [(query, keys, values, False)]
+        q = query.shape[2]
+        parts = local_parts(query, keys, values)
         ids = []
         if plan.gap:
             ids = self._select(layer_idx, query, plan.gap, plan.window_start)

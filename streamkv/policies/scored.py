@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import attend_parts, received_attention
+from ..attention import attend_parts, local_parts, received_attention
 from .base import StreamingCache
 
 
@@ -108,13 +108,8 @@ class ScoredCache(StreamingCache):
     # ---- attention ----------------------------------------------------------------------------------
     def attend(self, layer_idx, module, query, keys, values, scaling):
         plan, layer = self._plan, self.layers[layer_idx]
-        q, n = query.shape[2], keys.shape[2]
-        if q > 1:  # chunk: the q new tokens are the last keys, attended causally
-            parts = [(query, keys[:, :, : n - q], values[:, :, : n - q], False), (query, keys[:, :, n - q :], values[:, :, n - q :], True)]
-            if n == q:
-                parts = parts[1:]
-        else:  # decode: the new token sits somewhere in the view and sees all of it
-            parts = [(query, keys, values, False)]
+        q = query.shape[2]
+        parts = local_parts(query, keys, values)
         hs = self.sets[layer_idx] if layer_idx < len(self.sets) else None
         heavy_k = None
         if hs is not None and hs.n:
