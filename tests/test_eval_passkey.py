@@ -75,3 +75,60 @@ def test_cli_grid_json_and_heatmap(tmp_path):
     assert [s["key"] for s in d["policies"][0]["samples"]] == [s["key"] for s in sink["samples"]]
     r = cli("eval", "passkey", "--depths", "0.5,1.5")
     assert r.returncode == 2 and "depths" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_multi_fact_prompt_places_every_fact(tok):
+    from streamkv.evaluation.passkey import NAMED_KEY, NAMED_QUESTION, NAMES, make_multi_prompt
+
+    depths, keys = [0.1, 0.5, 0.9], ["11111", "22222", "33333"]
+    ids, facts = make_multi_prompt(tok, 2048, depths, keys)
+    question = len(tok(" " + NAMED_QUESTION.format(name=NAMES[0]), add_special_tokens=False).input_ids)
+    assert len(ids) <= 2048 - question
+    assert [f.key_start for f in facts] == sorted(f.key_start for f in facts)  # in stream order
+    for f, d, k, name in zip(facts, depths, keys, NAMES):
+        n = len(tok(" " + NAMED_KEY.format(name=name, key=k), add_special_tokens=False).input_ids)
+        assert tok.decode(ids[f.key_start : f.key_start + n]).strip() == NAMED_KEY.format(name=name, key=k)
+        assert abs(f.actual_depth - d) < 0.02 and f.key == k
+    assert len({f.name for f in facts}) == 3
+    with pytest.raises(EvalError):
+        make_multi_prompt(tok, 2048, [0.1] * 9, ["12345"] * 9)
+
+
+def test_multi_fact_questions_are_asked_of_the_same_state(tmp_path):
+    """Each question is asked from the snapshot taken after the prompt: the answer equals that of a fresh
+    session fed the prompt and that question only (so restore is exact, and earlier answers do not leak)."""
+    from types import SimpleNamespace
+
+    from eval_helpers import embedded_tokenizer, tiny_model
+    from streamkv.evaluation.passkey import NAMED_QUESTION, _ask_multi, answer, make_multi_prompt
+    from streamkv.session import StreamSession
+
+    model, tok = tiny_model(layers=1), embedded_tokenizer()
+    ids, facts = make_multi_prompt(tok, 400, [0.2, 0.8], ["12345", "67890"])
+    args = SimpleNamespace(seed=0, max_new_tokens=6)
+    params = dict(sinks=4, window=100)
+    got = _ask_multi(StreamSession(model, tok, "sink", chunk_size=64, **params), (400, 0), (ids, facts), args)
+    assert [s["name"] for s in got] == [f.name for f in facts]
+    for s, f in zip(got, facts):
+        fresh = StreamSession(model, tok, "sink", chunk_size=64, **params)
+        fresh.feed(ids)
+        fresh.feed(fresh.encode(" " + NAMED_QUESTION.format(name=f.name)))
+        assert s["key_distance"] == fresh.policy.seen - f.key_start
+        assert s["answer"] == answer(fresh, 6)
+
+
+def test_cli_multi_fact_grid(tmp_path):
+    folder = save_tiny(tmp_path / "tiny")
+    out = tmp_path / "pk.json"
+    r = cli("eval", "passkey", "--model", str(folder), "--lengths", "200", "--depths", "0.2,0.8", "--trials", "2",
+            "--multi", "--policy", "dense", "--chunk-size", "64", "--max-new-tokens", "3", "--quiet",
+            "--out", str(out), "--plot", "", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert d["multi"] is True
+    samples = d["policies"][0]["samples"]
+    assert len(samples) == 2 * 2  # trials x facts, one prompt per trial
+    assert {s["depth"] for s in samples} == {0.2, 0.8} and len({s["key"] for s in samples}) == 4
+    r = cli("eval", "passkey", "--multi", "--chat-template", "--lengths", "200", "--depths", "0.5", "--trials", "1",
+            "--policy", "dense", "--model", str(folder), "--out", str(out), "--plot", "")
+    assert r.returncode != 0 and "--multi" in r.stderr and "Traceback" not in r.stderr

@@ -142,6 +142,10 @@ def register(subparsers) -> None:
     p.add_argument("--chat-template", action="store_true",
                    help="wrap the prompt as one user turn with the tokenizer's chat template (default: plain text "
                         "completion, 'What is the pass key? The pass key is')")
+    p.add_argument("--multi", action="store_true",
+                   help="multi-fact variant: each prompt (one per length and trial) holds one named key per depth "
+                        "('The red pass key is ...'); each is asked of the state right after the prompt (snapshot and "
+                        "restore); accuracy is still reported per length and depth")
     p.add_argument("--out", default="passkey.json", help="result JSON")
     p.add_argument("--plot", default="passkey.png", help="heatmap PNG ('' = none)")
     _model_args(p)

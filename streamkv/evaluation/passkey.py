@@ -14,6 +14,15 @@ at the filler sentence boundary nearest the requested depth and the JSON records
 and the key's distance in tokens from the end of the prompt (a bounded policy can only answer when that
 distance fits its window). The whole prompt is streamed through one fresh session of each policy
 (chunked prefill), then the answer is generated greedily; the first run of digits in it must equal the key.
+
+Multi-fact variant (`--multi`): one prompt per length and trial holds one fact per depth, each a different
+kind of number ("The pass key is 71432. ...", "The door code is 20298. ...", "The room number is ..."), and
+each question ("What is the door code? The door code is") is asked of the same state: the session is
+snapshotted after the prompt (`state_dict`) and restored before each question. Why this form, measured with
+a dense cache on SmolLM2-135M at 1k-2k: keys told apart by colour ("the red pass key") were answered 3/6
+(the model mixes them up), and questions asked one after another in one stream drew the previous answer
+again; distinct kinds of numbers asked from one state: 11/12. Otherwise the test measures the model, not
+the cache.
 """
 from __future__ import annotations
 
@@ -33,6 +42,10 @@ TASK = ("There is an important info hidden inside a lot of irrelevant text. Find
 FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
+NAMES = ["pass key", "door code", "room number", "ticket number", "account number", "order number", "phone extension",
+         "serial number"]  # of the facts in --multi, in the order of the depths
+NAMED_KEY = "The {name} is {key}. Remember it. {key} is the {name}."
+NAMED_QUESTION = "What is the {name}? The {name} is"
 
 
 @dataclass
@@ -96,6 +109,51 @@ def make_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt
     return PasskeyPrompt(ids, key, depth, (offsets[k] / n_fill) if n_fill else depth, start, start + len(keys), n_fill)
 
 
+@dataclass
+class Fact:
+    name: str
+    key: str
+    depth: float  # requested
+    actual_depth: float
+    key_start: int  # token index of the key sentence in the prompt
+
+
+def make_multi_prompt(tokenizer, length: int, depths: list[float], keys: list[str]) -> tuple[list[int], list[Fact]]:
+    """A prompt of at most `length` tokens before the questions, with one named key sentence per depth (names
+    in the order of `depths`), each at the filler sentence boundary nearest its depth. The questions are fed
+    afterwards (see `run`); `length` counts one question so that lengths match the single-key prompts."""
+    if len(depths) > len(NAMES):
+        raise EvalError(f"--multi places at most {len(NAMES)} keys (one per depth), got {len(depths)} depths")
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise EvalError(f"depths must be in [0, 1], got {depths}")
+    task = tokenizer(TASK, add_special_tokens=False).input_ids
+    sentences = [tokenizer(" " + NAMED_KEY.format(name=n, key=k), add_special_tokens=False).input_ids
+                 for n, k in zip(NAMES, keys)]
+    question = tokenizer(" " + NAMED_QUESTION.format(name=NAMES[0]), add_special_tokens=False).input_ids
+    budget = length - len(task) - sum(map(len, sentences)) - len(question)
+    if budget < 0:
+        raise EvalError(f"context length {length} is too short for {len(depths)} keys")
+    sents = filler_sentences(tokenizer, budget)
+    while sents and sum(map(len, sents)) > budget:
+        sents.pop()
+    n_fill = sum(map(len, sents))
+    offsets = [0]
+    for s in sents:
+        offsets.append(offsets[-1] + len(s))
+    cut = {}  # sentence index -> facts inserted before it (several depths may round to one boundary)
+    for i, d in enumerate(depths):
+        k = min(range(len(offsets)), key=lambda j: abs(offsets[j] - d * n_fill))
+        cut.setdefault(k, []).append(i)
+    ids, facts = list(task), [None] * len(depths)
+    for k in range(len(sents) + 1):
+        for i in cut.get(k, []):
+            facts[i] = Fact(NAMES[i], keys[i], depths[i], offsets[k] / n_fill if n_fill else depths[i], len(ids))
+            ids += sentences[i]
+        if k < len(sents):
+            ids += sents[k]
+    return ids, facts
+
+
 def make_key(seed: int, length: int, depth: float, trial: int) -> str:
     """Deterministic 5-digit key per (seed, length, depth, trial): every policy gets the same keys."""
     return str(random.Random(f"{seed}-{length}-{depth}-{trial}").randint(10000, 99999))
@@ -142,13 +200,27 @@ def run(args) -> int:
         "prompt_format": {"task": TASK, "filler": " ".join(FILLER), "key": KEY_SENTENCE, "question": QUESTION},
         "policies": [],
     }
+    if args.multi:
+        if args.chat_template:
+            raise EvalError("--multi asks several questions in plain text; it cannot be combined with --chat-template")
+        prompts = {(L, t): make_multi_prompt(tok, L, depths, [make_key(args.seed, L, d, t) for d in depths])
+                   for L in lengths for t in range(args.trials)}
+        result["multi"] = True
+        result["prompt_format"].update(key=NAMED_KEY, question=NAMED_QUESTION)
     for spec in specs:
         t0 = time.perf_counter()
         samples = []
         bar = tqdm(total=len(prompts), desc=spec.label, unit="prompt", file=sys.stderr, disable=args.quiet,
                    mininterval=2.0, dynamic_ncols=True)
         budget = None
-        for (L, d, t), p in prompts.items():
+        for cell, p in prompts.items():
+            if args.multi:
+                policy = spec.build(model)
+                budget = policy_window(policy)
+                samples += _ask_multi(StreamSession(model, tok, policy, chunk_size=args.chunk_size), cell, p, args)
+                bar.update(1)
+                continue
+            (L, d, t) = cell
             policy = spec.build(model)
             budget = policy_window(policy)
             session = StreamSession(model, tok, policy, chunk_size=args.chunk_size)
@@ -186,6 +258,25 @@ def run(args) -> int:
         write_json(args.out, result)
     print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""), file=sys.stderr)
     return 0
+
+
+def _ask_multi(session: StreamSession, cell, prompt, args) -> list[dict]:
+    """Feed one multi-fact prompt, then ask for every key, each from the state right after the prompt."""
+    (L, t), (ids, facts) = cell, prompt
+    session.feed(ids)
+    state = session.state_dict()
+    out = []
+    for i, f in enumerate(facts):
+        if i:
+            session.load_state_dict(state)
+        session.feed(session.encode(" " + NAMED_QUESTION.format(name=f.name)))
+        distance = session.policy.seen - f.key_start
+        text = answer(session, args.max_new_tokens)
+        out.append({"length": L, "depth": f.depth, "trial": t, "tokens": len(ids), "actual_depth": round(f.actual_depth, 4),
+                    "name": f.name, "key": f.key, "key_distance": distance, "answer": text,
+                    "correct": score(text, f.key),
+                    "kv_bytes": session.policy.used_bytes() if hasattr(session.policy, "used_bytes") else session.policy.nbytes()})
+    return out
 
 
 def _chat_wrap(tok, ids: list[int]) -> list[int]:

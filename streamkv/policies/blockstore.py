@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 MAGIC = b"SKVBLK1\n"
+HEADER_CACHE = 1024  # parsed headers of disk blocks kept (LRU): bounded, so RAM does not grow with the store
 
 
 class BlockStoreError(RuntimeError):
@@ -76,7 +77,7 @@ class BlockStore:
         self.ram: OrderedDict[int, Block] = OrderedDict()  # LRU: least recently used first
         self.on_disk: set[int] = set()
         self._pending: dict[int, list] = {}  # block id -> per-layer (keys, values), until every layer gave its part
-        self._headers: dict[int, dict] = {}
+        self._headers: OrderedDict[int, dict] = OrderedDict()  # LRU of parsed headers, at most HEADER_CACHE
         self.reads = {"ram": 0, "disk": 0}
 
     # ---- writing -----------------------------------------------------------------------------------
@@ -146,6 +147,7 @@ class BlockStore:
     # ---- reading -----------------------------------------------------------------------------------
     def _header(self, block_id: int) -> dict:
         if block_id in self._headers:
+            self._headers.move_to_end(block_id)
             return self._headers[block_id]
         path = self.path(block_id)
         try:
@@ -163,6 +165,8 @@ class BlockStore:
             raise BlockStoreError(f"memory block {path} belongs to another stream or block (tag {header.get('tag')!r}, block {header.get('block')!r})")
         header["offset"] = len(MAGIC) + 4 + n
         self._headers[block_id] = header
+        if len(self._headers) > HEADER_CACHE:
+            self._headers.popitem(last=False)
         return header
 
     def get(self, block_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -37,6 +37,7 @@ positions (`retrieved[layer]` says which blocks it attended at the last step).
 """
 from __future__ import annotations
 
+import time
 import uuid
 
 import torch
@@ -79,6 +80,7 @@ class MemoryCache(StreamingCache):
         self._fetched: dict[int, tuple] = {}  # per layer: (block ids, keys [1,H,G,D] at canonical places, values)
         self.hits = {"reused": 0, "fetched": 0}  # per layer-step: retrieved set unchanged / (re)built
         self.retrieved: dict[int, list[int]] = {}  # per layer: block ids attended at the last step
+        self.retrieval_seconds = 0.0  # spent choosing and fetching blocks (all layers), for the cost-per-step plot
 
     # ---- what is kept -------------------------------------------------------------------------------
     def keep_mask(self, seq: torch.Tensor) -> torch.Tensor:
@@ -111,8 +113,10 @@ class MemoryCache(StreamingCache):
         parts = local_parts(query, keys, values)
         ids = []
         if plan.gap:
+            t0 = time.perf_counter()
             ids = self._select(layer_idx, query, plan.gap, plan.window_start)
             mem_k, mem_v = self._fetch(layer_idx, ids)
+            self.retrieval_seconds += time.perf_counter() - t0
             if self.placement == "contiguous":  # retrieved token j at window_start - G + j; its key at j
                 q_mem = rope.rotate(query, plan.gap - plan.window_start)
             else:  # every retrieved token at window_start - 1; its key at 0
@@ -214,7 +218,8 @@ class MemoryCache(StreamingCache):
 
     def memory_stats(self) -> dict:
         return {"resident_tokens": self.n_kept + self._n_retrieved() * self.block, "index_bytes": self.index_bytes(),
-                "retrieval_reused": self.hits["reused"], "retrieval_fetched": self.hits["fetched"], **self.store.stats()}
+                "retrieval_reused": self.hits["reused"], "retrieval_fetched": self.hits["fetched"],
+                "retrieval_seconds": round(self.retrieval_seconds, 6), **self.store.stats()}
 
     def describe(self) -> dict:
         return {"policy": self.name, "sinks": self.sinks, "window": self.window, "block": self.block, "topk": self.topk,
