@@ -28,6 +28,18 @@ def test_retrieving_every_block_equals_dense(arch, chunks):
     assert cache.store.n_blocks == (260 - 3 - 20) // 8 and cache.store.stats()["reads_disk"] > 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma3"])
+def test_per_head_selection_of_every_block_equals_dense(arch):
+    """selection=head with K*B >= every evicted token: each head retrieves all blocks, so again dense."""
+    model = make_tiny(arch, layers=2)
+    ids = random_ids(260)
+    reference = model(ids).logits[0]
+    cache = make_policy("memory", model, sinks=3, window=20, block=8, topk=40, reps=2, ram_mb=0,
+                        placement="contiguous", selection="head")
+    got = stream(model, cache, ids, [7, 1, 1, 13, 1, 30])
+    assert (got - reference).abs().max().item() < 1e-4
+
+
 def test_generate_with_memory_equals_dense():
     model = make_tiny("llama", layers=2)
     prompt = random_ids(12, seed=1)
@@ -76,6 +88,65 @@ def test_one_layer_step_equals_fresh_forward_over_what_it_attends(arch, placemen
         choices.add(tuple(blocks))
         start, i = start + q, i + 1
     assert restarts >= 3 and len(choices) > 5, (restarts, len(choices))
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.parametrize("placement", ["contiguous", "fixed"])
+@pytest.mark.parametrize("chunks", [[1], [5, 1, 1, 9, 1, 2]], ids=["token-by-token", "chunked"])
+def test_per_head_selection_each_head_equals_fresh_forward(arch, placement, chunks):
+    """selection=head: each KV head attends its own blocks. Per head, the attention output (the input of the
+    output projection, sliced to the head's query group) must equal a fresh forward over exactly sinks + that
+    head's blocks + window + new tokens at the placement's positions; the heads must really choose differently."""
+    sinks, window, block, topk = 2, 6, 3, 2
+    model = make_tiny(arch, layers=1)
+    attn = model.model.layers[0].self_attn
+    hq, hkv = model.config.num_attention_heads, model.config.num_key_value_heads
+    d = model.config.hidden_size // hq
+    seen = []
+    hook = attn.o_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0][0]))  # [q, Hq*D]
+    cache = make_policy("memory", model, sinks=sinks, window=window, block=block, topk=topk, reps=2,
+                        placement=placement, selection="head", ram_mb=0)
+    cache.max_position = 40
+    ids = random_ids(220, seed=2)
+    start, i, differ, steps = 0, 0, 0, 0
+    try:
+        while start < ids.shape[1]:
+            q = min(chunks[i % len(chunks)], ids.shape[1] - start)
+            kept = sorted(int(s) for s in cache.seq[: cache.n_used] if s >= 0)
+            pos = cache.position_ids(q)
+            seen.clear()
+            model(input_ids=ids[:, start : start + q], position_ids=pos, past_key_values=cache, use_cache=True)
+            got = seen[0]
+            per_head = cache.retrieved[0]
+            if per_head:
+                assert len(per_head) == hkv and all(len(r) == len(per_head[0]) for r in per_head)
+                differ += len({tuple(r) for r in per_head}) > 1
+            for h in range(hkv):
+                blocks = per_head[h] if per_head else []
+                mem = [t for b in blocks for t in range(sinks + b * block, sinks + (b + 1) * block)]
+                sink_ids, win_ids = [t for t in kept if t < sinks], [t for t in kept if t >= sinks]
+                context = sink_ids + mem + win_ids + list(range(start, start + q))
+                if placement == "contiguous":
+                    positions = list(range(len(context)))
+                else:
+                    n_s, one = len(sink_ids), 1 if mem else 0
+                    positions = list(range(n_s)) + [n_s] * len(mem) + list(range(n_s + one, n_s + one + len(win_ids) + q))
+                seen.clear()
+                model(input_ids=ids[:, context], position_ids=torch.tensor([positions]))
+                cols = slice(h * (hq // hkv) * d, (h + 1) * (hq // hkv) * d)  # the query heads of KV head h
+                err = (got[:, cols] - seen[0][-q:, cols]).abs().max().item()
+                assert err < 1e-4, f"head {h}, step at token {start}"
+            steps += 1
+            start, i = start + q, i + 1
+    finally:
+        hook.remove()
+    assert differ > steps // 4, (differ, steps)  # the heads chose different blocks at many steps
+
+
+def test_selection_parameter_is_checked():
+    model = make_tiny("llama", layers=1)
+    with pytest.raises(ValueError, match="selection"):
+        make_policy("memory", model, selection="each")
 
 
 def test_block_round_trips_bit_exactly_and_damage_is_named(tmp_path):

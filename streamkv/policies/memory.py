@@ -17,6 +17,8 @@ How a step works (see `attend`):
 3. At every step (each prefill chunk, each decoded token) every layer scores the blocks with its current
    queries (mean of the step's last 16 queries, per query head, max over a block's representatives, summed
    over heads: one choice shared by the heads of a layer, as InfLLM) and takes the top K, in stream order.
+   With `selection=head` each KV head takes its own top K (LongHeads); a layer's retrieved part stays one
+   [1, H, K*B, D] tensor, slot j holding each head's j-th block. Which one is the default, and why: below.
 4. Placement by place, between the sinks and the window (the base reserves `gap()` positions; sinks move
    before it), in one of two ways. Retrieved keys are rotated once, from the store's copy, to canonical
    positions, and the *query* is rotated for that part: RoPE is relative, so this equals re-rotating every
@@ -47,6 +49,7 @@ from .base import StreamingCache
 from .blockstore import BlockStore
 
 PLACEMENTS = ("contiguous", "fixed")
+SELECTIONS = ("shared", "head")  # one choice of blocks for all KV heads of a layer (InfLLM), or one per head (LongHeads)
 SCORING_QUERIES = 16  # blocks are chosen with the mean of a step's last 16 queries (see `_select`)
 
 
@@ -61,7 +64,7 @@ class MemoryCache(StreamingCache):
     keeps_evicted = True
 
     def __init__(self, model, sinks: int = 4, window: int = 768, block: int = 64, topk: int = 16, reps: int = 2,
-                 ram_mb: int = 256, store_dir: str | None = None, placement: str = "fixed"):
+                 ram_mb: int = 256, store_dir: str | None = None, placement: str = "fixed", selection: str = "shared"):
         for n, v in (("window", window), ("block", block), ("topk", topk), ("reps", reps)):
             _positive(n, v)
         if not isinstance(ram_mb, int) or isinstance(ram_mb, bool) or ram_mb < 0:
@@ -70,6 +73,9 @@ class MemoryCache(StreamingCache):
             raise ValueError(f"reps ({reps}) cannot exceed block ({block})")
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+        self.selection = selection
         self.window, self.block, self.topk, self.reps, self.placement = window, block, topk, reps, placement
         self.ram_mb, self.store_dir = ram_mb, store_dir
         self.reserved = topk * block if placement == "contiguous" else 1
@@ -79,7 +85,7 @@ class MemoryCache(StreamingCache):
         self.index: list[torch.Tensor | None] = []  # per layer: representatives [H, capacity, reps, D] at position 0
         self._fetched: dict[int, tuple] = {}  # per layer: (block ids, keys [1,H,G,D] at canonical places, values)
         self.hits = {"reused": 0, "fetched": 0}  # per layer-step: retrieved set unchanged / (re)built
-        self.retrieved: dict[int, list[int]] = {}  # per layer: block ids attended at the last step
+        self.retrieved: dict[int, list] = {}  # per layer: block ids attended at the last step (per KV head: lists)
         self.retrieval_seconds = 0.0  # spent choosing and fetching blocks (all layers), for the cost-per-step plot
 
     # ---- what is kept -------------------------------------------------------------------------------
@@ -142,7 +148,8 @@ class MemoryCache(StreamingCache):
         SmolLM2-135M): with the last 16, 5 of those 6 were answered (16k depths .5/.7/.9, 32k .5, 8k .5)."""
         n_blocks, k = self.store.n_blocks, self._n_retrieved()
         if n_blocks <= k:
-            return list(range(n_blocks))
+            every = list(range(n_blocks))
+            return [every] * self.index[layer_idx].shape[0] if self.selection == "head" else every
         reps = self.index[layer_idx][:, :n_blocks]  # [H, n, r, D] at position 0 (float16)
         hkv, _, r, d = reps.shape
         query = query[:, :, -SCORING_QUERIES:]  # [1, Hq, <=16, D]
@@ -152,8 +159,10 @@ class MemoryCache(StreamingCache):
         # one batched matmul per layer, in float32: [Hkv, n*r, D] @ [Hkv, D, g] -> [Hkv, n*r, g]. (An einsum over
         # the old [n, H, r, D] layout cost 10x more: 400 ms a step for 30 layers at 4,096 blocks, a 256k stream.)
         scores = torch.bmm(reps.reshape(hkv, n_blocks * r, d).float(), qbar.transpose(1, 2))
-        scores = scores.view(hkv, n_blocks, r, -1).amax(dim=2).sum(dim=(0, 2))  # best representative, summed over heads: [n]
-        return sorted(scores.topk(k).indices.tolist())
+        scores = scores.view(hkv, n_blocks, r, -1).amax(dim=2).sum(dim=2)  # best representative, summed over a group: [Hkv, n]
+        if self.selection == "head":  # each KV head its own K blocks
+            return [sorted(row) for row in scores.topk(k, dim=1).indices.tolist()]
+        return sorted(scores.sum(dim=0).topk(k).indices.tolist())  # one choice, by the sum over heads
 
     def _fetch(self, layer_idx: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of the retrieved blocks [1, H, G, D], keys rotated once from the store's copy to their
@@ -163,6 +172,8 @@ class MemoryCache(StreamingCache):
             self.hits["reused"] += 1
             return cached[1], cached[2]
         self.hits["fetched"] += 1
+        if self.selection == "head":
+            return self._fetch_per_head(layer_idx, ids)
         if self.placement == "fixed":
             return self._fetch_into_slots(layer_idx, ids, cached)
         parts = [self.store.get(i, layer_idx) for i in ids]
@@ -171,6 +182,24 @@ class MemoryCache(StreamingCache):
         pos = torch.cat([p[2] for p in parts])  # [G]
         target = torch.arange(pos.numel()) if self.placement == "contiguous" else torch.zeros_like(pos)
         k = self.rope_for_layer(layer_idx).rotate(k, target - pos).unsqueeze(0)
+        v = v.unsqueeze(0)
+        self._fetched[layer_idx] = (ids, k, v)
+        return k, v
+
+    def _fetch_per_head(self, layer_idx: int, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """selection=head: KV head h attends its own blocks ids[h], in the same number of slots as every other
+        head, so a layer's retrieved part stays one [1, H, K*B, D] tensor (one kernel call); slot j holds, for
+        each head, its j-th block, at the same canonical places as with a shared choice."""
+        blocks = {i: self.store.get(i, layer_idx) for i in sorted({i for row in ids for i in row})}
+        ks, vs, ps = [], [], []
+        for h, row in enumerate(ids):
+            ks.append(torch.cat([blocks[i][0][h] for i in row]))  # [G, D]
+            vs.append(torch.cat([blocks[i][1][h] for i in row]))
+            ps.append(torch.cat([blocks[i][2] for i in row]))  # [G]
+        k, v, pos = torch.stack(ks), torch.stack(vs), torch.stack(ps)  # [H, G, D], [H, G, Dv], [H, G]
+        h, g, d = k.shape
+        target = torch.arange(g).expand(h, g) if self.placement == "contiguous" else torch.zeros_like(pos)
+        k = self.rope_for_layer(layer_idx).rotate(k.reshape(h * g, d), (target - pos).reshape(-1)).view(1, h, g, d)
         v = v.unsqueeze(0)
         self._fetched[layer_idx] = (ids, k, v)
         return k, v
@@ -264,8 +293,11 @@ class MemoryCache(StreamingCache):
                 "retrieval_seconds": round(self.retrieval_seconds, 6), **self.store.stats()}
 
     def describe(self) -> dict:
-        return {"policy": self.name, "sinks": self.sinks, "window": self.window, "block": self.block, "topk": self.topk,
-                "reps": self.reps, "placement": self.placement}
+        d = {"policy": self.name, "sinks": self.sinks, "window": self.window, "block": self.block, "topk": self.topk,
+             "reps": self.reps, "placement": self.placement}
+        if self.selection != "shared":  # (snapshots of shared caches keep the description they always had)
+            d["selection"] = self.selection
+        return d
 
     # ---- persistence --------------------------------------------------------------------------------
     def state_dict(self, copy: bool = True) -> dict:
