@@ -52,15 +52,17 @@ def test_generate_with_memory_equals_dense():
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox"])
 @pytest.mark.parametrize("placement", ["contiguous", "fixed"])
-@pytest.mark.parametrize("chunks", [[1], [5, 1, 1, 9, 1, 2]], ids=["token-by-token", "chunked"])
-def test_one_layer_step_equals_fresh_forward_over_what_it_attends(arch, placement, chunks):
+@pytest.mark.parametrize("chunks,reselect", [([1], 1), ([5, 1, 1, 9, 1, 2], 1), ([5, 1, 1, 1, 1, 1, 1, 2], 3)],
+                         ids=["token-by-token", "chunked", "chunked-reselect-3"])
+def test_one_layer_step_equals_fresh_forward_over_what_it_attends(arch, placement, chunks, reselect):
     """One layer: a token's key/value depend on that token and its position only. So every step must equal a
     fresh forward over exactly sinks + the retrieved blocks (the policy says which) + window + new tokens,
     at the positions the placement gives: contiguous 0..n-1, or every retrieved token at the position right
     before the window. Few blocks retrieved out of many, evictions and position restarts included."""
     sinks, window, block, topk = 2, 6, 3, 2
     model = make_tiny(arch, layers=1)
-    cache = make_policy("memory", model, sinks=sinks, window=window, block=block, topk=topk, reps=2, placement=placement, ram_mb=0)
+    cache = make_policy("memory", model, sinks=sinks, window=window, block=block, topk=topk, reps=2, placement=placement,
+                        ram_mb=0, reselect=reselect)
     cache.max_position = 40  # many position restarts in a short stream
     ids = random_ids(220, seed=2)
     start, i, restarts, choices = 0, 0, 0, set()
@@ -261,3 +263,41 @@ def test_policy_spec_with_strings():
 
     assert parse_policy_spec("memory:window=512,placement=fixed,store_dir=/tmp/x") == (
         "memory", {"window": 512, "placement": "fixed", "store_dir": "/tmp/x"})
+
+
+@pytest.mark.parametrize("selection", ["shared", "head"])
+def test_reselect_keeps_the_choice_between_decode_steps_and_stays_exact(selection):
+    """reselect=3: a prefill chunk always chooses; decode steps re-choose only every 3rd step (what is attended
+    then is checked against fresh forwards in the one-layer test above); a snapshot taken between choices
+    restores the same behaviour (identical logits)."""
+    sinks, window, block, topk = 2, 6, 3, 2
+    model = make_tiny("llama", layers=1)
+    params = dict(sinks=sinks, window=window, block=block, topk=topk, reps=2, placement="contiguous", ram_mb=0,
+                  selection=selection, reselect=3)
+    cache = make_policy("memory", model, **params)
+    ids = random_ids(120, seed=4)
+    for a_, b_ in ((0, 40), (40, 60)):  # the second chunk already chooses among more than topk blocks
+        model(input_ids=ids[:, a_:b_], position_ids=cache.position_ids(b_ - a_), past_key_values=cache, use_cache=True)
+    assert cache.store.n_blocks > topk
+    choices = []
+    for t in range(60, 100):
+        before = cache.retrieved[0]
+        model(input_ids=ids[:, t : t + 1], position_ids=cache.position_ids(1), past_key_values=cache, use_cache=True)
+        run = t - 60 + 1  # decode steps since the prefill chunk
+        if run % 3:
+            assert cache.retrieved[0] == before, f"decode step {run} re-chose"
+        choices.append(cache.retrieved[0])
+        if t == 80:
+            state = cache.state_dict()
+    assert len({str(c) for c in choices}) > 1  # it does re-choose, every third step
+    a = make_policy("memory", model, **params)
+    a.load_state_dict(state)
+    for t in range(81, 100):
+        x = ids[:, t : t + 1]
+        got = model(input_ids=x, position_ids=a.position_ids(1), past_key_values=a, use_cache=True).logits
+    ref = make_policy("memory", model, **params)
+    for a_, b_ in ((0, 40), (40, 60)):
+        model(input_ids=ids[:, a_:b_], position_ids=ref.position_ids(b_ - a_), past_key_values=ref, use_cache=True)
+    for t in range(60, 100):
+        exp = model(input_ids=ids[:, t : t + 1], position_ids=ref.position_ids(1), past_key_values=ref, use_cache=True).logits
+    assert torch.equal(got, exp)

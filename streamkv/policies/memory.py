@@ -64,8 +64,9 @@ class MemoryCache(StreamingCache):
     keeps_evicted = True
 
     def __init__(self, model, sinks: int = 4, window: int = 768, block: int = 64, topk: int = 16, reps: int = 2,
-                 ram_mb: int = 256, store_dir: str | None = None, placement: str = "fixed", selection: str = "shared"):
-        for n, v in (("window", window), ("block", block), ("topk", topk), ("reps", reps)):
+                 ram_mb: int = 256, store_dir: str | None = None, placement: str = "fixed", selection: str = "shared",
+                 reselect: int = 1):
+        for n, v in (("window", window), ("block", block), ("topk", topk), ("reps", reps), ("reselect", reselect)):
             _positive(n, v)
         if not isinstance(ram_mb, int) or isinstance(ram_mb, bool) or ram_mb < 0:
             raise ValueError(f"ram_mb must be a non-negative integer, got {ram_mb!r}")
@@ -75,7 +76,8 @@ class MemoryCache(StreamingCache):
             raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
-        self.selection = selection
+        self.selection, self.reselect = selection, reselect
+        self._decode_run = 0  # decode steps (one token) since the last prefill chunk
         self.window, self.block, self.topk, self.reps, self.placement = window, block, topk, reps, placement
         self.ram_mb, self.store_dir = ram_mb, store_dir
         self.reserved = topk * block if placement == "contiguous" else 1
@@ -110,6 +112,7 @@ class MemoryCache(StreamingCache):
 
     def _make_plan(self, q: int):
         self.store.spill()  # before anything changes: a failed write leaves the stream as it was
+        self._decode_run = self._decode_run + 1 if q == 1 else 0
         return super()._make_plan(q)
 
     # ---- attention ----------------------------------------------------------------------------------
@@ -120,7 +123,12 @@ class MemoryCache(StreamingCache):
         ids = []
         if plan.gap:
             t0 = time.perf_counter()
-            ids = self._select(layer_idx, query, plan.gap, plan.window_start)
+            prev, k = self.retrieved.get(layer_idx), self._n_retrieved()
+            if (q == 1 and self._decode_run % self.reselect and prev
+                    and len(prev[0] if self.selection == "head" else prev) == k):
+                ids = prev  # a decode step between choices (reselect > 1): the last choice stands
+            else:
+                ids = self._select(layer_idx, query, plan.gap, plan.window_start)
             mem_k, mem_v = self._fetch(layer_idx, ids)
             self.retrieval_seconds += time.perf_counter() - t0
             if self.placement == "contiguous":  # retrieved token j at window_start - G + j; its key at j
@@ -295,8 +303,10 @@ class MemoryCache(StreamingCache):
     def describe(self) -> dict:
         d = {"policy": self.name, "sinks": self.sinks, "window": self.window, "block": self.block, "topk": self.topk,
              "reps": self.reps, "placement": self.placement}
-        if self.selection != "shared":  # (snapshots of shared caches keep the description they always had)
+        if self.selection != "shared":  # (snapshots of default caches keep the description they always had)
             d["selection"] = self.selection
+        if self.reselect != 1:
+            d["reselect"] = self.reselect
         return d
 
     # ---- persistence --------------------------------------------------------------------------------
@@ -311,7 +321,8 @@ class MemoryCache(StreamingCache):
                            "received": [l.received[:, : self.n_used].clone() if l.is_initialized else None for l in self.layers],
                            # fixed placement: which block sits in which slot, so a restored cache attends in the same
                            # order and continues with bit-identical logits
-                           "slots": {l: (list(f[0]), list(f[3])) for l, f in self._fetched.items() if len(f) > 3}}
+                           "slots": {l: (list(f[0]), list(f[3])) for l, f in self._fetched.items() if len(f) > 3},
+                           "retrieved": dict(self.retrieved), "decode_run": self._decode_run}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -328,6 +339,8 @@ class MemoryCache(StreamingCache):
                 layer.received = torch.zeros((rec.shape[0], self.seq.numel()), dtype=torch.float32)
                 layer.received[:, : rec.shape[1]] = rec
         self._fetched.clear()
+        self.retrieved = dict(mem.get("retrieved", {}))
+        self._decode_run = mem.get("decode_run", 0)
         for l, (ids, slots) in mem.get("slots", {}).items():
             self._fetch_into_slots(l, slots, None)  # the blocks, read again, in the saved slot order
             self._fetched[l] = (list(ids), *self._fetched[l][1:])
