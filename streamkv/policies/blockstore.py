@@ -183,25 +183,32 @@ class BlockStore:
             return block.keys[layer], block.values[layer], block.pos
         h = self._header(block_id)
         dtype = getattr(torch, h["dtype"])
-        item = torch.finfo(dtype).bits // 8
         kshapes = h.get("layer_keys") or [h["keys"]] * h["layers"]
         vshapes = h.get("layer_values") or [h["values"]] * h["layers"]
-        sizes = [(math.prod(k) * item, math.prod(v) * item) for k, v in zip(kshapes, vshapes)]
-        ksize, vsize = sizes[layer]
+        if "layout" not in h:  # per layer: (offset in the file, key bytes, value bytes), worked out once per header
+            item, offset, layout = torch.finfo(dtype).bits // 8, h["offset"], []
+            for k, v in zip(kshapes, vshapes):
+                layout.append((offset, math.prod(k) * item, math.prod(v) * item))
+                offset += layout[-1][1] + layout[-1][2]
+            h["layout"] = layout
+        start, ksize, vsize = h["layout"][layer]
         path = self.path(block_id)
-        with open(path, "rb") as f:
-            f.seek(h["offset"] + sum(a + b for a, b in sizes[:layer]))
-            data = f.read(ksize + vsize)
+        buf = bytearray(ksize + vsize)  # read straight into the tensors' memory: no copy
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            got = f.readinto(buf)
         kc, vc = h["crc"][layer]
-        if len(data) != ksize + vsize or zlib.crc32(data[:ksize]) != kc or zlib.crc32(data[ksize:]) != vc:
+        view = memoryview(buf)
+        if got != ksize + vsize or zlib.crc32(view[:ksize]) != kc or zlib.crc32(view[ksize:]) != vc:
             raise BlockStoreError(f"memory block {path} is damaged (layer {layer}: truncated or checksum mismatch)")
-        buf = bytearray(data)
         if not buf:  # a layer that keeps no head of this block
             return torch.zeros(kshapes[layer], dtype=dtype), torch.zeros(vshapes[layer], dtype=dtype), torch.tensor(h["pos"], dtype=torch.long)
         keys = torch.frombuffer(buf, dtype=torch.uint8, count=ksize).view(dtype).view(kshapes[layer])
         values = torch.frombuffer(buf, dtype=torch.uint8, offset=ksize, count=vsize).view(dtype).view(vshapes[layer])
         self.reads["disk"] += 1
-        return keys, values, torch.tensor(h["pos"], dtype=torch.long)
+        if "pos_tensor" not in h:
+            h["pos_tensor"] = torch.tensor(h["pos"], dtype=torch.long)
+        return keys, values, h["pos_tensor"]
 
     # ---- bookkeeping -------------------------------------------------------------------------------
     def ram_used(self) -> int:
