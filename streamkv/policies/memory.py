@@ -17,6 +17,11 @@ How a step works (see `attend`):
 3. At every step (each prefill chunk, each decoded token) every layer scores the blocks with its current
    queries (mean of the step's last 16 queries, per query head, max over a block's representatives, summed
    over heads: one choice shared by the heads of a layer, as InfLLM) and takes the top K, in stream order.
+   Scoring is one batched matmul per layer over the index; with fixed placement a changed choice reads and
+   rotates only the blocks new to it. `reselect=N` lets decode steps keep the last choice for N-1 steps
+   (prefill chunks always choose): on near-identical filler 5-6 of the 16 blocks change at every decode
+   step, and the ones that come back are read from disk. Its effect on speed is measured in
+   docs/RESULTS.md section 6; its effect on recall was not measured, so the default stays 1.
    With `selection=head` each KV head takes its own top K (LongHeads); a layer's retrieved part stays one
    [1, H, K*B, D] tensor, slot j holding each head's j-th block. Shared is the default because it measured
    far better: passkey at 16k and 32k (5 depths, trial 0 of the grid, embedded SmolLM2-135M), shared 9/10,
