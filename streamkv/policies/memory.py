@@ -18,10 +18,12 @@ How a step works (see `attend`):
    queries (mean of the step's last 16 queries, per query head, max over a block's representatives, summed
    over heads: one choice shared by the heads of a layer, as InfLLM) and takes the top K, in stream order.
    Scoring is one batched matmul per layer over the index; with fixed placement a changed choice reads and
-   rotates only the blocks new to it. `reselect=N` lets decode steps keep the last choice for N-1 steps
-   (prefill chunks always choose): on near-identical filler 5-6 of the 16 blocks change at every decode
-   step, and the ones that come back are read from disk. Its effect on speed is measured in
-   docs/RESULTS.md section 6; its effect on recall was not measured, so the default stays 1.
+   rotates only the blocks new to it. Decode steps re-choose only every `reselect` (4) steps and keep the
+   last choice in between; prefill chunks always choose. Why: on near-identical filler 5-6 of the 16 blocks
+   change at every decode step and the ones that come back are read from disk, so re-choosing at every
+   step made decode 87 -> 136 ms a token from 8k to 64k; with 4 the median is 57 -> 59 ms (sink: 42), and
+   the passkey answers at 16k/32k (10 prompts) were identical, character for character, to those of
+   reselect=1 (docs/RESULTS.md section 6). `reselect=1` restores every-step choice.
    With `selection=head` each KV head takes its own top K (LongHeads); a layer's retrieved part stays one
    [1, H, K*B, D] tensor, slot j holding each head's j-th block. Shared is the default because it measured
    far better: passkey at 16k and 32k (5 depths, trial 0 of the grid, embedded SmolLM2-135M), shared 9/10,
@@ -73,7 +75,7 @@ class MemoryCache(StreamingCache):
 
     def __init__(self, model, sinks: int = 4, window: int = 768, block: int = 64, topk: int = 16, reps: int = 2,
                  ram_mb: int = 256, store_dir: str | None = None, placement: str = "fixed", selection: str = "shared",
-                 reselect: int = 1):
+                 reselect: int = 4):
         for n, v in (("window", window), ("block", block), ("topk", topk), ("reps", reps), ("reselect", reselect)):
             _positive(n, v)
         if not isinstance(ram_mb, int) or isinstance(ram_mb, bool) or ram_mb < 0:
@@ -313,7 +315,7 @@ class MemoryCache(StreamingCache):
              "reps": self.reps, "placement": self.placement}
         if self.selection != "shared":  # (snapshots of default caches keep the description they always had)
             d["selection"] = self.selection
-        if self.reselect != 1:
+        if self.reselect != 1:  # (a snapshot of a cache that re-chose at every step, the old default, says nothing)
             d["reselect"] = self.reselect
         return d
 
