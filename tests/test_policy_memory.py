@@ -50,6 +50,18 @@ def test_generate_with_memory_equals_dense():
     assert max((a - b).abs().max().item() for a, b in zip(out.logits, dense.logits)) < 1e-4
 
 
+def _attended(kept, blocks, sinks, block, start, q, placement):
+    """The tokens a one-layer step attends (sinks + retrieved blocks + window + the q new ones) and their
+    positions: contiguous 0..n-1, or every retrieved token at one position with the window right after it."""
+    mem = [t for b in blocks for t in range(sinks + b * block, sinks + (b + 1) * block)]
+    sink_ids, win_ids = [t for t in kept if t < sinks], [t for t in kept if t >= sinks]
+    context = sink_ids + mem + win_ids + list(range(start, start + q))
+    if placement == "contiguous":
+        return context, list(range(len(context)))
+    n_s, one = len(sink_ids), 1 if mem else 0
+    return context, list(range(n_s)) + [n_s] * len(mem) + list(range(n_s + one, n_s + one + len(win_ids) + q))
+
+
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox"])
 @pytest.mark.parametrize("placement", ["contiguous", "fixed"])
 @pytest.mark.parametrize("chunks,reselect", [([1], 1), ([5, 1, 1, 9, 1, 2], 1), ([5, 1, 1, 1, 1, 1, 1, 2], 3)],
@@ -75,15 +87,7 @@ def test_one_layer_step_equals_fresh_forward_over_what_it_attends(arch, placemen
         got = model(input_ids=ids[:, start : start + q], position_ids=pos, past_key_values=cache, use_cache=True).logits[0]
         blocks = cache.retrieved[0]
         assert len(blocks) == min(topk, max(0, (start - sinks - window) // block)) or start < sinks + window + block
-        mem = [t for b in blocks for t in range(sinks + b * block, sinks + (b + 1) * block)]
-        sink_ids, win_ids = [t for t in kept if t < sinks], [t for t in kept if t >= sinks]
-        context = sink_ids + mem + win_ids + list(range(start, start + q))
-        if placement == "contiguous":
-            positions = list(range(len(context)))
-        else:
-            n_s = len(sink_ids)
-            one = n_s if mem else None  # all retrieved tokens at one position, the window right after it
-            positions = list(range(n_s)) + [one] * len(mem) + list(range(n_s + (1 if mem else 0), n_s + (1 if mem else 0) + len(win_ids) + q))
+        context, positions = _attended(kept, blocks, sinks, block, start, q, placement)
         reference = model(input_ids=ids[:, context], position_ids=torch.tensor([positions])).logits[0, -q:]
         assert (got - reference).abs().max().item() < 1e-4, f"step at token {start}"
         assert cache.n_kept <= sinks + window + block - 1
@@ -125,14 +129,7 @@ def test_per_head_selection_each_head_equals_fresh_forward(arch, placement, chun
                 differ += len({tuple(r) for r in per_head}) > 1
             for h in range(hkv):
                 blocks = per_head[h] if per_head else []
-                mem = [t for b in blocks for t in range(sinks + b * block, sinks + (b + 1) * block)]
-                sink_ids, win_ids = [t for t in kept if t < sinks], [t for t in kept if t >= sinks]
-                context = sink_ids + mem + win_ids + list(range(start, start + q))
-                if placement == "contiguous":
-                    positions = list(range(len(context)))
-                else:
-                    n_s, one = len(sink_ids), 1 if mem else 0
-                    positions = list(range(n_s)) + [n_s] * len(mem) + list(range(n_s + one, n_s + one + len(win_ids) + q))
+                context, positions = _attended(kept, blocks, sinks, block, start, q, placement)
                 seen.clear()
                 model(input_ids=ids[:, context], position_ids=torch.tensor([positions]))
                 cols = slice(h * (hq // hkv) * d, (h + 1) * (hq // hkv) * d)  # the query heads of KV head h
