@@ -2,12 +2,14 @@
 
 * hostile requests tried / 4xx / 5xx (every route x hostile values; embedded model, default flags);
 * kill -9 injected / acknowledged turns lost / sessions diverged, with damaged snapshots along the way
-  (tiny random model, so that many kills fit in a few minutes);
+  (tiny random model, so that many kills fit in a few minutes); once at random moments, once at each named
+  step of the commit protocol in turn (the server SIGKILLs itself there: streamkv/server/faults.py);
 * peak RSS and disk under a load mix (streaming, non-streaming, abandoned, hostile; embedded model)
   against the server's budgets;
 * snapshot bytes per kept token, and replay (rebuild from the turn log) time per 1k tokens (embedded).
 
-    python benchmarks/server_reliability.py [--kills 16] [--load-seconds 90] [--parts hostile,snapshot,faults,load]
+    python benchmarks/server_reliability.py [--kills 16] [--crash-kills 20] [--load-seconds 90] [--load-clients 32]
+        [--parts hostile,snapshot,faults,crashpoints,load]
 
 Takes ~10 minutes on 2 CPU cores; results in docs/results/server_reliability.json.
 """
@@ -27,6 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from server_helpers import (Server, build_tiny_model, create_session, dir_bytes, fault_loop,  # noqa: E402
                             load_mix, run_hostile, state)
+
+from streamkv.server.faults import POINTS  # noqa: E402
 
 EMBEDDED = "embedded"
 FILLER = ("The river wound through the valley past old mills and quiet farms, and the travellers spoke of "
@@ -91,20 +95,21 @@ def snapshot_and_replay(tmp: Path) -> dict:
             "replayed_logits_identical": True}
 
 
-def load(tmp: Path, seconds: float) -> dict:
+def load(tmp: Path, seconds: float, clients: int) -> dict:
     data = tmp / "load"
     # a memory budget that binds: 12 sessions of ~47.5 MB (sink 4+1020) fit in 600 MiB, not many more
     srv = Server(None, data, "--max-cache-mb", "600", "--max-session-mb", "60", "--max-tokens-cap", "4000").start()
     try:
         health = srv.http().get("/health").json()
         rss0 = health["rss_bytes"]
-        out = load_mix(srv, seconds, 12, random.Random(7), model_name=EMBEDDED)
+        out = load_mix(srv, seconds, clients, random.Random(7), model_name=EMBEDDED)
         out["rss_at_start_bytes"] = rss0
         out["max_session_bytes"] = health["max_session_bytes"]
         out["rss_budget_bytes"] = rss0 + out["max_cache_bytes"]
         out["disk_bytes"] = dir_bytes(data)
-        out["disk_budget_bytes"] = 12 * 256 * (1 << 20)  # per-session quota x sessions
-        out["mean_bytes_per_session_on_disk"] = out["disk_bytes"] // 12
+        out["clients"], out["seconds"] = clients, seconds
+        out["disk_budget_bytes"] = clients * 256 * (1 << 20)  # per-session quota x sessions
+        out["mean_bytes_per_session_on_disk"] = out["disk_bytes"] // clients
         return out
     finally:
         srv.stop()
@@ -113,14 +118,16 @@ def load(tmp: Path, seconds: float) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kills", type=int, default=16)
+    ap.add_argument("--crash-kills", type=int, default=20, help="kills at the named crash points (cycled)")
     ap.add_argument("--load-seconds", type=float, default=90)
+    ap.add_argument("--load-clients", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "server_reliability.json"))
-    ap.add_argument("--parts", default="hostile,snapshot,faults,load",
+    ap.add_argument("--parts", default="hostile,snapshot,faults,crashpoints,load",
                     help="which measurements to (re)run; the others are kept from an existing --out file")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     out = Path(args.out)
-    result = json.loads(out.read_text()) if out.exists() and parts != {"hostile", "snapshot", "faults", "load"} else {}
+    result = json.loads(out.read_text()) if out.exists() and parts != {"hostile", "snapshot", "faults", "crashpoints", "load"} else {}
     result["machine"] = {"python": platform.python_version(), "cpus": __import__("os").cpu_count()}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -136,8 +143,14 @@ def main() -> int:
             result["faults"] = fault_loop(tiny, tmp / "faults" / "data", args.kills, random.Random(12), "--policy",
                                           "sink:sinks=4,window=40", "--chunk-size", "16", damage_every=2)
             print("faults", result["faults"], flush=True)
+        if "crashpoints" in parts:  # each step of the commit protocol, hit on purpose (streamkv/server/faults.py)
+            tiny = build_tiny_model(tmp / "models" / "tiny")
+            result["crash_points"] = fault_loop(tiny, tmp / "crash" / "data", args.crash_kills, random.Random(20),
+                                                "--policy", "sink:sinks=4,window=40", "--chunk-size", "16",
+                                                damage_every=0, crash_points=POINTS)
+            print("crash points", result["crash_points"], flush=True)
         if "load" in parts:
-            result["load"] = load(tmp, args.load_seconds)
+            result["load"] = load(tmp, args.load_seconds, args.load_clients)
             print("load", json.dumps(result["load"])[:500], flush=True)
         result.setdefault("seconds", {})
         if not isinstance(result["seconds"], dict):

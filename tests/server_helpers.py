@@ -253,11 +253,16 @@ def damage_snapshot(data_dir: Path, rng, sids: list[str]) -> str | None:
 
 
 def fault_loop(model: Path | None, data_dir: Path, kills: int, rng, *args: str, sessions: int = 2,
-               damage_every: int = 2, model_name: str = TINY) -> dict:
+               damage_every: int = 2, model_name: str = TINY, crash_points: tuple[str, ...] = ()) -> dict:
     """kill -9 the server at random moments while clients run turns, `kills` times, damaging a snapshot
     every `damage_every` kills; then check every acknowledged turn is in its transcript (in order) and every
-    session's state equals a control session that ran the transcript's turns without interruption."""
+    session's state equals a control session that ran the transcript's turns without interruption.
+
+    With `crash_points`, kill k is not sent from outside: the server is started with STREAMKV_CRASH_AT set to
+    crash_points[k % len] (at its 3rd-8th arrival there) and SIGKILLs itself there (streamkv/server/faults.py)."""
     import threading
+
+    from streamkv.server.faults import ENV
 
     acked: dict[str, list[tuple[str, str]]] = {}
     sids: list[str] = []
@@ -265,8 +270,11 @@ def fault_loop(model: Path | None, data_dir: Path, kills: int, rng, *args: str, 
     turns_sent = 0
     srv = None
     data_dir.parent.mkdir(parents=True, exist_ok=True)
+    hits = []
     for k in range(kills + 1):
-        srv = Server(model, data_dir, *args, log=data_dir.parent / "fault-server.log").start()
+        armed = f"{crash_points[k % len(crash_points)]}:{rng.randint(3, 8)}" if crash_points and k < kills else None
+        srv = Server(model, data_dir, *args, log=data_dir.parent / "fault-server.log",
+                     env={ENV: armed} if armed else None).start()
         if not sids:
             with srv.http() as h:
                 sids = [create_session(h) for _ in range(sessions)]
@@ -293,8 +301,16 @@ def fault_loop(model: Path | None, data_dir: Path, kills: int, rng, *args: str, 
         threads = [threading.Thread(target=client, args=(sid, f"s{j}")) for j, sid in enumerate(sids)]
         for t in threads:
             t.start()
-        time.sleep(rng.uniform(0.2, 2.0))
-        srv.kill()
+        if armed:
+            try:
+                code = srv.proc.wait(60)
+            except subprocess.TimeoutExpired:  # the point was never reached: a test failure, not a hang
+                code = None
+                srv.kill()
+            hits.append({"point": armed, "killed_itself": code == -signal.SIGKILL})
+        else:
+            time.sleep(rng.uniform(0.2, 2.0))
+            srv.kill()
         stop.set()
         for t in threads:
             t.join(30)
@@ -325,7 +341,7 @@ def fault_loop(model: Path | None, data_dir: Path, kills: int, rng, *args: str, 
         srv.stop()
     return {"kills": kills, "turns_sent": turns_sent, "turns_acknowledged": sum(len(v) for v in acked.values()),
             "turns_lost": lost, "sessions_diverged": mismatched, "snapshots_damaged": damaged,
-            "rebuilds_after_restart": rebuilds}
+            "rebuilds_after_restart": rebuilds, **({"crash_points": hits} if crash_points else {})}
 
 
 def load_mix(srv: "Server", seconds: float, clients: int, rng, model_name: str = TINY) -> dict:

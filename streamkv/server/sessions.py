@@ -34,6 +34,7 @@ from .admission import Price, check_policy, price, server_params
 from .config import ServerConfig
 from .errors import (BadRequest, Busy, Conflict, NotFound, QuotaExceeded, ServerError, Unauthorized,  # noqa: F401
                      Unavailable)
+from .faults import crash_point
 from .store import SnapshotError, Store
 
 log = logging.getLogger("streamkv.server")
@@ -534,6 +535,7 @@ class Turn:
                 piece = await loop.run_in_executor(manager.compute, next, self.gen, _END)
                 if piece is _END:
                     break
+                crash_point("decode-step")
                 pieces.append(piece)
                 self.queue.put_nowait(("piece", piece))
             if self.cancelled is not None:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from .faults import crash_point
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
@@ -201,7 +203,9 @@ class Store:
                 f.write(payload)
                 f.flush()
                 os.fsync(f.fileno())
+            crash_point("snapshot-temp-written")
             os.replace(tmp, path)
+            crash_point("snapshot-renamed")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -210,6 +214,7 @@ class Store:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+        crash_point("snapshot-written")
         return len(MAGIC) + len(header) + len(payload)
 
     def _open_snapshot(self, sid: str, version: int, verify: bool) -> tuple[dict, bytes | None]:
@@ -330,6 +335,7 @@ class Store:
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
+        crash_point("turn-committed")
         if old and old != version:
             self.snapshot_path(sid, old).unlink(missing_ok=True)
 
