@@ -102,9 +102,9 @@ def test_sigterm_finishes_running_turn_and_flushes(tiny_model, tmp_path):  # noq
 
 @pytest.fixture(scope="module")
 def small(tiny_model, tmp_path_factory):  # noqa: F811
-    """Room for one resident session (and 1 MiB of cache estimate)."""
+    """Room for one resident session (and 16 MiB for caches and what a forward or snapshot needs at once)."""
     srv = Server(tiny_model, tmp_path_factory.mktemp("small") / "data", "--policy", POLICY,
-                 "--max-resident-sessions", "1", "--max-tokens-cap", "3000", "--max-cache-mb", "1").start()
+                 "--max-resident-sessions", "1", "--max-tokens-cap", "3000", "--max-cache-mb", "16").start()
     yield srv
     srv.stop()
 

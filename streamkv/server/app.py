@@ -153,7 +153,7 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         compute = ThreadPoolExecutor(cfg.workers, thread_name_prefix="streamkv-compute")
-        io = ThreadPoolExecutor(2, thread_name_prefix="streamkv-io")
+        io = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="streamkv-io")
         swept = store.sweep_orphans()
         damaged = store.damaged_snapshots()
         for sid, reason in damaged:

@@ -20,7 +20,8 @@ class ServerConfig:
     quantize: str = QUANTIZE_MODES[0]  # weight-only int8/int4 of the linears (see streamkv/quantize.py)
     device: str = DEFAULT_DEVICE
     threads: int = 2
-    workers: int = 1
+    workers: int = 1  # compute threads (forwards); each runs one session's step at a time
+    io_threads: int = 2  # snapshot reads/writes and the database
     chunk_size: int = 512
     policy: str = "sink:sinks=4,window=1020"  # of new sessions and stateless requests
     # network

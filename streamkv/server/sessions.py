@@ -30,7 +30,7 @@ import torch
 
 from ..policies import check_param_types, parse_policy_spec
 from ..session import StreamSession
-from .admission import Price, check_policy, price, server_params
+from .admission import Price, check_policy, price, server_params, transient_reserve
 from .config import ServerConfig
 from .errors import (BadRequest, Busy, Conflict, NotFound, QuotaExceeded, ServerError, Unauthorized,  # noqa: F401
                      Unavailable)
@@ -165,7 +165,7 @@ class Entry:
 
     sid: str
     meta: dict
-    est_bytes: int
+    price: Price
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     session: ServerSession | None = None
     resident: bool = False  # counted against the budget (loaded or being loaded)
@@ -201,8 +201,7 @@ class SessionManager:
         self.max_waiters, self.chunk_size = cfg.max_waiters, cfg.chunk_size
         self.entries: dict[str, Entry] = {}
         self.turns: set[Turn] = set()  # running turns (shutdown cancels what is left of them)
-        self.ephemeral_n = 0
-        self.ephemeral_bytes = 0
+        self.ephemeral: list[Price] = []  # prices of the stateless requests running now
         self.closing = False
         self.stats = {"loads": 0, "evictions": 0, "busy": 0, "commits": 0, "rollbacks": 0, "cancelled": 0,
                       "rebuilds": 0}
@@ -237,18 +236,27 @@ class SessionManager:
         asyncio.get_running_loop().run_in_executor(self.io, trim_memory)
 
     def resident_count(self) -> int:
-        return sum(e.resident for e in self.entries.values()) + self.ephemeral_n
+        return sum(e.resident for e in self.entries.values()) + len(self.ephemeral)
+
+    def _resident_prices(self) -> list[Price]:
+        return [e.price for e in self.entries.values() if e.resident] + self.ephemeral
 
     def resident_bytes(self) -> int:
-        return sum(e.est_bytes for e in self.entries.values() if e.resident) + self.ephemeral_bytes
+        return sum(p.resident_bytes for p in self._resident_prices())
 
-    def _make_room(self, need_bytes: int) -> None:
-        """Evict idle sessions, least recently used first, until one more of `need_bytes` fits. Synchronous
+    def reserved_bytes(self, extra: Price | None = None) -> int:
+        """Resident sessions at full budget, plus what the compute and I/O threads may allocate for them at
+        once (prefill activations, snapshot copies: admission.transient_reserve)."""
+        prices = self._resident_prices() + ([extra] if extra is not None else [])
+        return sum(p.resident_bytes for p in prices) + transient_reserve(prices, self.cfg.workers, self.cfg.io_threads)
+
+    def _make_room(self, need: Price) -> None:
+        """Evict idle sessions, least recently used first, until one more priced `need` fits. Synchronous
         (no await between the check and the caller marking itself resident)."""
         def fits():
             if self.resident_count() + 1 > self.max_resident:
                 return False
-            return self.resident_bytes() + need_bytes <= self.max_cache_bytes
+            return self.reserved_bytes(need) <= self.max_cache_bytes
 
         while not fits():
             idle = [e for e in self.entries.values() if e.resident and e.users == 0 and not e.lock.locked()]
@@ -338,7 +346,7 @@ class SessionManager:
         entry = self.entries.get(sid)
         if entry is None:
             name, params = meta["policy"]["name"], meta["policy"]["params"]
-            entry = self.entries[sid] = Entry(sid, meta, self.price(name, params).resident_bytes)
+            entry = self.entries[sid] = Entry(sid, meta, self.price(name, params))
         if entry.users >= self.max_waiters:
             self.stats["busy"] += 1
             raise Busy(f"too many requests queued for session {sid}", retry_after=2)
@@ -351,7 +359,7 @@ class SessionManager:
         try:
             if entry.session is None:
                 if not entry.resident:
-                    self._make_room(entry.est_bytes)
+                    self._make_room(entry.price)
                     entry.resident = True
                 fresh = await self.run_io(self.store.get_session, sid)
                 if fresh is None:  # deleted while this request was on its way
@@ -424,14 +432,12 @@ class SessionManager:
         if self.closing:
             raise Unavailable("server is shutting down")
         name, params = policy
-        est = self.price(name, params).resident_bytes
+        est = self.price(name, params)
         self._make_room(est)
-        self.ephemeral_n += 1
-        self.ephemeral_bytes += est
+        self.ephemeral.append(est)
 
         def release():
-            self.ephemeral_n -= 1
-            self.ephemeral_bytes -= est
+            self.ephemeral.remove(est)
             lease.session = None  # drop the throwaway cache now, then give its memory back
             self._trim_soon()
         session = self.new_session(name, params)

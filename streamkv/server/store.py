@@ -79,6 +79,22 @@ ADDED_COLUMNS = {  # columns newer than the first schema: added in place to an o
     "log_bytes": "INTEGER NOT NULL DEFAULT 0",       # turn log + transcript bytes (grows with the stream)
 }
 MAGIC = b"STREAMKV-SNAPSHOT 1\n"
+HEADER_WIDTH = 256  # bytes of the JSON header line, padded with spaces (older files: unpadded; both read)
+
+
+class _HashingWriter:
+    """A write-only file object for torch.save: passes bytes on to `f`, counting and hashing them."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 SESSION_COLUMNS = ("id", "owner", "created", "updated", "model", "policy", "kind", "version", "tokens_seen",
                    "n_turns", "metadata", "snapshot_bytes", "log_bytes")
@@ -188,19 +204,27 @@ class Store:
 
     def write_snapshot(self, sid: str, version: int, state: dict) -> int:
         """Atomically write a snapshot file (header + payload; not yet referenced by the database). Returns
-        its size in bytes."""
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        payload = buf.getbuffer()
-        header = json.dumps({"session_id": sid, "version": version, "bytes": len(payload),
-                             "sha256": hashlib.sha256(payload).hexdigest()}).encode() + b"\n"
+        its size in bytes.
+
+        The payload is serialised straight into the file through a hashing writer, and the header (whose
+        checksum is only known at the end) is written last into a fixed-width slot reserved before the
+        payload: no in-memory copy of the payload, whose buffer used to double the session's bytes while a
+        turn committed (the server prices that transient; see admission.transient_bytes)."""
         path = self.snapshot_path(sid, version)
         fd, tmp = tempfile.mkstemp(dir=self.snap_dir, prefix=f".{sid}.", suffix=".tmp")  # mode 0600
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(MAGIC)
-                f.write(header)
-                f.write(payload)
+                at = f.tell()
+                f.write(b" " * (HEADER_WIDTH - 1) + b"\n")  # the header's slot, filled in below
+                out = _HashingWriter(f)
+                torch.save(state, out)
+                header = json.dumps({"session_id": sid, "version": version, "bytes": out.n,
+                                     "sha256": out.sha.hexdigest()}).encode()
+                if len(header) >= HEADER_WIDTH:  # cannot happen with session ids of SESSION_ID_RE
+                    raise ValueError(f"snapshot header of {len(header)} bytes does not fit {HEADER_WIDTH}")
+                f.seek(at)
+                f.write(header.ljust(HEADER_WIDTH - 1) + b"\n")  # JSON ignores the padding spaces
                 f.flush()
                 os.fsync(f.fileno())
             crash_point("snapshot-temp-written")
@@ -215,7 +239,7 @@ class Store:
         finally:
             os.close(dfd)
         crash_point("snapshot-written")
-        return len(MAGIC) + len(header) + len(payload)
+        return len(MAGIC) + HEADER_WIDTH + out.n
 
     def _open_snapshot(self, sid: str, version: int, verify: bool) -> tuple[dict, bytes | None]:
         path = self.snapshot_path(sid, version)

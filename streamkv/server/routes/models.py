@@ -31,6 +31,7 @@ async def health(rt: Rt):
         "uptime_s": round(time.time() - rt.started, 1),
         "resident_sessions": m.resident_count(),
         "resident_bytes_estimate": m.resident_bytes(),
+        "reserved_bytes": m.reserved_bytes(),  # + what running prefill forwards and snapshot writes may take
         "max_resident_sessions": cfg.max_resident,
         "max_cache_bytes": cfg.max_cache_bytes,
         "max_session_bytes": cfg.max_session_bytes,
