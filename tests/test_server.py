@@ -313,3 +313,25 @@ def test_cli_entry_point_has_serve():
     r = subprocess.run([sys.executable, "-m", "streamkv", "serve", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "--data-dir" in r.stdout
+
+
+def test_stream_keepalive_comments_during_a_long_prefill(tiny_model, tmp_path):  # noqa: F811
+    """While a long prompt is prefilled no token comes for a while: the stream gets SSE comments
+    (`: keep-alive`) so that a proxy does not close it; clients skip them (the openai client reads the same
+    reply as a non-streaming request)."""
+    srv = Server(tiny_model, tmp_path / "data", "--policy", f"sink:sinks=4,window={WINDOW}", "--chunk-size", "8",
+                 "--sse-keepalive", "0.001").start()
+    try:
+        prompt = "rivers and valleys " * 250  # ~1,000 tokens in chunks of 8: many forwards before the first token
+        body = {"model": TINY, "messages": [{"role": "user", "content": prompt}], "max_tokens": 4, "temperature": 0}
+        with srv.http() as h, h.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        first_content = next(i for i, line in enumerate(lines) if '"content"' in line and '"role"' not in line)
+        assert any(line == ": keep-alive" for line in lines[:first_content]), lines[:5]
+        assert lines[-1] == "data: [DONE]"
+        client = srv.client()
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**body, stream=True)
+                           if c.choices)
+        assert streamed == client.chat.completions.create(**body).choices[0].message.content
+    finally:
+        srv.stop()

@@ -130,6 +130,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="disk all sessions of one API key may use (default: half the free disk, at most 16 GiB)")
     s.add_argument("--max-metadata-bytes", type=_positive, default=D.max_metadata_bytes,
                    help="largest session metadata, as JSON")
+    s.add_argument("--sse-keepalive", type=float, default=D.sse_keepalive,
+                   help="seconds a stream may go without a token (e.g. during a long prefill) before the server "
+                        "sends an SSE comment, so proxies do not drop it; 0: never")
     s.add_argument("--shutdown-timeout", type=float, default=D.shutdown_timeout,
                    help="seconds SIGTERM lets running turns finish (and commit); then they are rolled back")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -166,7 +169,7 @@ def config_from_args(args):
         max_waiters=args.max_queued_per_session, max_body_bytes=args.max_body_bytes,
         max_tokens_cap=args.max_tokens_cap, default_max_tokens=args.default_max_tokens,
         max_input_tokens=args.max_input_tokens, default_temperature=args.default_temperature, workers=args.workers,
-        chunk_size=args.chunk_size, shutdown_timeout=args.shutdown_timeout,
+        chunk_size=args.chunk_size, shutdown_timeout=args.shutdown_timeout, sse_keepalive=args.sse_keepalive,
         allowed_policies=tuple(x.strip() for x in args.allowed_policies.split(",") if x.strip()),
         max_window=args.max_window, max_sinks=args.max_sinks, max_step_tokens=args.max_step_tokens,
         duo_pattern=args.duo_pattern,

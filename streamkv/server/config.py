@@ -35,6 +35,7 @@ class ServerConfig:
     max_tokens_cap: int = 4096
     default_max_tokens: int = 256
     max_input_tokens: int = 32768
+    sse_keepalive: float = 15.0  # seconds without a token (a long prefill) before a stream gets an SSE comment
     default_temperature: float = 0.0
     min_temperature: float = 1e-3  # below it (but above 0) sampling overflows; 0 means greedy
     # what clients may choose for their sessions

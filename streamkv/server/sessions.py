@@ -566,9 +566,15 @@ class Turn:
             self.lease.release()
             manager.turns.discard(self)
 
-    async def events(self):
+    async def events(self, keepalive: float | None = None):
+        """("piece", text) ... then one of ("done", result), ("error", e), ("cancelled", why). With
+        `keepalive`, ("ping", None) whenever nothing came for that many seconds (a long prefill)."""
         while True:
-            kind, value = await self.queue.get()
+            try:
+                kind, value = await asyncio.wait_for(self.queue.get(), keepalive) if keepalive else await self.queue.get()
+            except asyncio.TimeoutError:
+                yield "ping", None
+                continue
             yield kind, value
             if kind != "piece":
                 return

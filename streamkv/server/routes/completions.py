@@ -124,8 +124,10 @@ def respond(request: Request, turn: Turn, stream: bool, include_usage: bool, mak
             first = make_chunk(None)
             if first is not None:
                 yield f"data: {json.dumps(first)}\n\n"
-            async for kind, value in turn.events():
-                if kind == "piece":
+            async for kind, value in turn.events(keepalive=turn.lease.manager.cfg.sse_keepalive or None):
+                if kind == "ping":  # an SSE comment: clients ignore it, proxies see a live connection
+                    yield ": keep-alive\n\n"
+                elif kind == "piece":
                     yield f"data: {json.dumps(make_chunk(value))}\n\n"
                 elif kind == "done":
                     usage, finish_reason = value
