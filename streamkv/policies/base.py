@@ -502,3 +502,61 @@ class StreamingCache(Cache):
                 layer.values[:, :, : self.n_used] = saved["values"]
                 layer.pin_keys.copy_(saved["pin_keys"])
             self.layers.append(layer)
+
+
+# ---- incremental snapshots ------------------------------------------------------------------------------
+# Why they can be small: a window token's key keeps the rotation it was computed with until a position
+# restart (see "Positions" above), and values never change. So a token that an earlier snapshot holds at
+# the same stream index *and* rotation (`seq`, `pos`) is bit-identical there, and a later snapshot can point
+# at it instead of writing it again. Only the slot table is deduplicated; what a subclass adds to the state
+# (heavy sets, block-store index, ...) is written in full.
+
+def snapshot_index(state: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(seq, pos) of the kept slots of a `StreamingCache.state_dict`, or None for another kind of state."""
+    if not isinstance(state, dict) or "layers" not in state or "seq" not in state:
+        return None
+    n = state["n_used"]
+    return state["seq"][:n].clone(), state["pos"][:n].clone()
+
+
+def delta_state(state: dict, base: tuple[torch.Tensor, torch.Tensor], max_new: float = 0.5) -> dict | None:
+    """`state` with the keys/values of every slot whose token the base snapshot holds at the same rotation
+    replaced by that slot's index there (`merge_delta` undoes it). None when more than `max_new` of the kept
+    tokens are new: the full state is then the better base for the snapshots after it."""
+    if snapshot_index(state) is None:
+        return None
+    n = state["n_used"]
+    where = {sp: j for j, sp in enumerate(zip(base[0].tolist(), base[1].tolist()))}
+    from_base = torch.tensor([where.get(sp, -1) for sp in zip(state["seq"][:n].tolist(), state["pos"][:n].tolist())],
+                             dtype=torch.long)  # [n]: slot in the base, -1 = not there (written here)
+    new = from_base < 0
+    if int(new.sum()) > max_new * n:
+        return None
+    layers = [None if l is None else {"keys": l["keys"][:, :, new], "values": l["values"][:, :, new],  # [1, H, n_new, D]
+                                      "pin_keys": l["pin_keys"]} for l in state["layers"]]
+    return {**state, "layers": layers, "from_base": from_base}
+
+
+def merge_delta(base: dict, delta: dict) -> dict:
+    """The full state a `delta_state` was made from, given the state of its base snapshot."""
+    from_base = delta["from_base"]
+    old = from_base >= 0
+    if old.any() and int(from_base.max()) >= base["n_used"]:
+        raise ValueError("incremental snapshot points past its base's slots: not its base")
+    layers = []
+    for b, d in zip(base["layers"], delta["layers"], strict=True):
+        if d is None:
+            layers.append(None)
+            continue
+        if b is None and bool(old.any()):
+            raise ValueError("incremental snapshot refers to a layer its base does not hold")
+        full = {}
+        for name in ("keys", "values"):
+            t = d[name]
+            out = t.new_empty((*t.shape[:2], from_base.numel(), t.shape[3]))  # [1, H, n_used, D]
+            out[:, :, ~old] = t
+            if bool(old.any()):
+                out[:, :, old] = b[name][:, :, from_base[old]]
+            full[name] = out
+        layers.append({**full, "pin_keys": d["pin_keys"]})
+    return {**{k: v for k, v in delta.items() if k != "from_base"}, "layers": layers}

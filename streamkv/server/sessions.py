@@ -29,6 +29,7 @@ from typing import Any, Awaitable, Callable, Iterator
 import torch
 
 from ..policies import check_param_types, parse_policy_spec
+from ..policies.base import delta_state, merge_delta, snapshot_index
 from ..session import StreamSession
 from .admission import Price, check_policy, price, server_params, transient_reserve
 from .config import ServerConfig
@@ -56,6 +57,14 @@ def trim_memory() -> None:
 SESSION_ID_RE = re.compile(r"^sess_[A-Za-z0-9_-]{32}$")
 
 
+@dataclass(frozen=True)
+class SnapshotBase:
+    """The full snapshot a session's next snapshots may be incremental to (store.py)."""
+    version: int
+    index: tuple  # (seq, pos) of its kept slots: policies/base.py snapshot_index
+    size: int  # its bytes on disk (they count in the session's disk quota while it is a base)
+
+
 class ServerSession(StreamSession):
     """A StreamSession that remembers where the last generation started/ended in the stream (for usage
     counts), what kind of stream it is ('chat' turns or raw 'text' completions: they do not mix), and every
@@ -72,6 +81,7 @@ class ServerSession(StreamSession):
         self._log_runs: list[list[int]] = []  # [[forward length, count], ...]
         self._logged_messages = 0  # messages already in the committed log
         self._log_turn_ends = 0  # policy.end_turn() calls (sirllm's decay) since the last record
+        self.snapshot_base: SnapshotBase | None = None  # what the next snapshot may be incremental to
 
     def _forward(self, chunk: torch.Tensor, all_logits: bool) -> torch.Tensor:
         if self.recording:
@@ -395,7 +405,17 @@ class SessionManager:
             return s
         try:
             state = self.store.read_snapshot(sid, version)
+            s.snapshot_base = None
+            if "base" in state:  # incremental: merged with the full snapshot it points at
+                base = self.store.read_snapshot(sid, state["base"])
+                base_policy = base["session"]["policy"]
+                state["session"]["policy"] = merge_delta(base_policy, state["session"]["policy"])
+                s.snapshot_base = SnapshotBase(state["base"], snapshot_index(base_policy),
+                                               self.store.snapshot_size(sid, state["base"]))
             s.load_state_dict(state["session"])
+            if "base" not in state and snapshot_index(state["session"]["policy"]) is not None:
+                s.snapshot_base = SnapshotBase(version, snapshot_index(state["session"]["policy"]),
+                                               self.store.snapshot_size(sid, version))
             s.kind = state["kind"]
             s.mark_committed()
             log.info("session loaded", extra={"session_id": sid, "version": version})
@@ -420,7 +440,10 @@ class SessionManager:
         t0 = time.perf_counter()
         s = self.new_session(name, params, sid)
         s.replay(records)
-        self.store.replace_snapshot(sid, version, {"session": s.state_dict(copy=True), "kind": s.kind})
+        full = {"session": s.state_dict(copy=True), "kind": s.kind}
+        self.store.replace_snapshot(sid, version, full)
+        index = snapshot_index(full["session"]["policy"])
+        s.snapshot_base = SnapshotBase(version, index, self.store.snapshot_size(sid, version)) if index is not None else None
         self.stats["rebuilds"] += 1
         log.warning("session rebuilt from its turn log", extra={
             "session_id": sid, "version": version, "reason": reason, "tokens": s.policy.seen,
@@ -456,10 +479,19 @@ class SessionManager:
         def write():
             # compact copies of the kept tokens only: saving views would write the whole preallocated buffers
             state = {"session": s.state_dict(copy=True), "kind": s.kind}  # (flushes a memory store to disk)
+            full_policy, base = state["session"]["policy"], s.snapshot_base
+            delta = delta_state(full_policy, base.index) if base is not None else None
+            if delta is not None:  # only what the base snapshot does not hold (store.py: incremental snapshots)
+                state["session"]["policy"], state["base"] = delta, base.version
             size = self.store.write_snapshot(entry.sid, version, state)
+            if delta is None:
+                index = snapshot_index(full_policy)
+                s.snapshot_base = SnapshotBase(version, index, size) if index is not None else None
+            base_size = s.snapshot_base.size if delta is not None else 0
             if hasattr(s.policy, "store"):  # a memory session's block store counts in its disk quota
                 size += s.policy.store.disk_used()
-            self.store.commit_turn(entry.sid, version, s.kind, s.policy.seen, rows, s.take_record(), size)
+            self.store.commit_turn(entry.sid, version, s.kind, s.policy.seen, rows, s.take_record(), size + base_size,
+                                   base_version=base.version if delta is not None else None)
             del state
             trim_memory()
             return self.store.get_session(entry.sid)

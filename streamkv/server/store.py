@@ -7,7 +7,12 @@ The commit protocol (why a turn survives `kill -9` or is cleanly absent):
    fsync of the directory), a file no committed row points at yet;
 2. one SQLite transaction inserts the turn's transcript rows and moves `sessions.version` to the new
    version — this is the commit point;
-3. the previous snapshot file is deleted.
+3. the previous snapshot file is deleted (and its base, if the new one is not incremental to it).
+
+Incremental snapshots: a version may hold only the slot-table tokens its *base* (an earlier full version,
+`sessions.base_version`, kept on disk while referenced) does not (policies/base.py: delta_state). Loading
+reads both and merges them; a missing or damaged base is handled like a damaged snapshot (rebuilt from the
+turn log, below). A session writes a full snapshot again when more than half of what it keeps is new.
 
 A crash before 2 leaves an orphan file that `sweep_orphans` removes at start-up; after 2 the turn is
 acknowledged and both halves are on disk. SQLite runs in WAL mode with synchronous=FULL so a committed
@@ -77,6 +82,7 @@ CREATE TABLE IF NOT EXISTS feeds (  -- the turn log: what each committed version
 ADDED_COLUMNS = {  # columns newer than the first schema: added in place to an older database
     "snapshot_bytes": "INTEGER NOT NULL DEFAULT 0",  # size of the current snapshot file
     "log_bytes": "INTEGER NOT NULL DEFAULT 0",       # turn log + transcript bytes (grows with the stream)
+    "base_version": "INTEGER",                       # the full snapshot an incremental one points at (NULL: full)
 }
 MAGIC = b"STREAMKV-SNAPSHOT 1\n"
 HEADER_WIDTH = 256  # bytes of the JSON header line, padded with spaces (older files: unpadded; both read)
@@ -97,7 +103,7 @@ class _HashingWriter:
         self.f.flush()
 
 SESSION_COLUMNS = ("id", "owner", "created", "updated", "model", "policy", "kind", "version", "tokens_seen",
-                   "n_turns", "metadata", "snapshot_bytes", "log_bytes")
+                   "n_turns", "metadata", "snapshot_bytes", "log_bytes", "base_version")
 
 
 class StoreError(Exception):
@@ -241,6 +247,9 @@ class Store:
         crash_point("snapshot-written")
         return len(MAGIC) + HEADER_WIDTH + out.n
 
+    def snapshot_size(self, sid: str, version: int) -> int:
+        return self.snapshot_path(sid, version).stat().st_size
+
     def _open_snapshot(self, sid: str, version: int, verify: bool) -> tuple[dict, bytes | None]:
         path = self.snapshot_path(sid, version)
         try:
@@ -290,20 +299,25 @@ class Store:
     def damaged_snapshots(self) -> list[tuple[str, str]]:
         """(session id, reason) of every committed snapshot that fails `check_snapshot`."""
         with self._lock:
-            rows = self.db.execute("SELECT id, version FROM sessions WHERE version > 0").fetchall()
+            rows = self.db.execute("SELECT id, version, base_version FROM sessions WHERE version > 0").fetchall()
         bad = []
-        for sid, version in rows:
+        for sid, version, base in rows:
             try:
-                self.check_snapshot(sid, version)
+                for v in (version, base) if base else (version,):
+                    self.check_snapshot(sid, v)
             except SnapshotError as e:
                 bad.append((sid, str(e)))
         return bad
 
     def replace_snapshot(self, sid: str, version: int, state: dict) -> None:
-        """Repair: rewrite the snapshot the database already points at (rebuilt from the turn log)."""
+        """Repair: rewrite the snapshot the database already points at (rebuilt from the turn log), as a
+        full one: the base an incremental one pointed at is no longer needed."""
         size = self.write_snapshot(sid, version, state)
         with self._lock:
-            self.db.execute("UPDATE sessions SET snapshot_bytes = ? WHERE id = ?", (size, sid))
+            (base,) = self.db.execute("SELECT base_version FROM sessions WHERE id = ?", (sid,)).fetchone()
+            self.db.execute("UPDATE sessions SET snapshot_bytes = ?, base_version = NULL WHERE id = ?", (size, sid))
+        if base and base != version:
+            self.snapshot_path(sid, base).unlink(missing_ok=True)
 
     # ---- the turn log ------------------------------------------------------------------------------
     def feed_log(self, sid: str) -> list[dict]:
@@ -326,9 +340,10 @@ class Store:
         return n, disk
 
     def commit_turn(self, sid: str, version: int, kind: str, tokens_seen: int, rows: list[dict],
-                    record: dict | None = None, snapshot_bytes: int = 0) -> None:
-        """The commit point: transcript rows, the turn-log record and the new snapshot version in one
-        transaction; then the previous snapshot file is dropped. `record` is {"runs", "ids", "after"}."""
+                    record: dict | None = None, snapshot_bytes: int = 0, base_version: int | None = None) -> None:
+        """The commit point: transcript rows, the turn-log record and the new snapshot version (with the
+        full snapshot it is incremental to, if it is) in one transaction; then the previous snapshot file,
+        and its base when the new one does not use it, are dropped. `record` is {"runs", "ids", "after"}."""
         now = int(time.time())
         log_bytes = sum(len(r["content"].encode()) + 64 for r in rows)
         if record is not None:
@@ -339,7 +354,8 @@ class Store:
             cur = self.db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                old, n_turns = cur.execute("SELECT version, n_turns FROM sessions WHERE id = ?", (sid,)).fetchone()
+                old, n_turns, old_base = cur.execute("SELECT version, n_turns, base_version FROM sessions WHERE id = ?",
+                                                     (sid,)).fetchone()
                 for i, r in enumerate(rows):
                     cur.execute(
                         "INSERT INTO turns (session_id, seq, role, content, created, prompt_tokens, completion_tokens, "
@@ -352,21 +368,23 @@ class Store:
                                 (sid, version, runs, ids, after))
                 cur.execute(
                     "UPDATE sessions SET version = ?, kind = ?, tokens_seen = ?, n_turns = ?, updated = ?, "
-                    "snapshot_bytes = ?, log_bytes = log_bytes + ? WHERE id = ?",
-                    (version, kind, tokens_seen, n_turns + len(rows), now, snapshot_bytes, log_bytes, sid),
+                    "snapshot_bytes = ?, log_bytes = log_bytes + ?, base_version = ? WHERE id = ?",
+                    (version, kind, tokens_seen, n_turns + len(rows), now, snapshot_bytes, log_bytes, base_version, sid),
                 )
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
         crash_point("turn-committed")
-        if old and old != version:
-            self.snapshot_path(sid, old).unlink(missing_ok=True)
+        for v in {old, old_base} - {version, base_version, None, 0}:
+            self.snapshot_path(sid, v).unlink(missing_ok=True)
 
     def sweep_orphans(self) -> int:
         """Remove snapshot files no committed row points at (a crash between write and commit) and temp files."""
         with self._lock:
-            live = {f"{sid}.{v}.pt" for sid, v in self.db.execute("SELECT id, version FROM sessions WHERE version > 0")}
+            live = {f"{sid}.{v}.pt" for sid, version, base in
+                    self.db.execute("SELECT id, version, base_version FROM sessions WHERE version > 0")
+                    for v in (version, base) if v}
         removed = 0
         for f in self.snap_dir.iterdir():
             if f.name not in live:
