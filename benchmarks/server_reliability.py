@@ -54,9 +54,20 @@ def hostile(tmp: Path) -> dict:
         srv.stop()
 
 
+def _versions(data: Path, sid: str) -> tuple[int, int | None]:
+    """(version, base_version) of a session, read from the server's database (read-only)."""
+    import sqlite3
+    db = sqlite3.connect(f"file:{data / 'streamkv.sqlite3'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT version, base_version FROM sessions WHERE id = ?", (sid,)).fetchone()
+    finally:
+        db.close()
+
+
 def snapshot_and_replay(tmp: Path) -> dict:
-    """A default-policy session (sink 4 + 1020) filled past its window; its snapshot size per kept token;
-    then the snapshot is deleted and the time to rebuild it from the turn log is measured."""
+    """A default-policy session (sink 4 + 1020) filled past its window; its snapshot size per kept token; the
+    snapshots of 8 short turns after it (incremental); then its snapshot files are deleted and the time to
+    rebuild it from the turn log is measured."""
     data = tmp / "replay"
     srv = Server(None, data).start()
     try:
@@ -66,8 +77,20 @@ def snapshot_and_replay(tmp: Path) -> dict:
             client.chat.completions.create(model=EMBEDDED, max_tokens=16, temperature=0, extra_body={"session_id": sid},
                                            messages=[{"role": "user", "content": f"Part {i}. " + FILLER * 12}])
         before = state(h, sid)
-        snap = next((data / "snapshots").glob(f"{sid}.*.pt"))
+        version, _ = _versions(data, sid)
+        snap = data / "snapshots" / f"{sid}.{version}.pt"
         size = snap.stat().st_size
+        # then short turns: incremental snapshots (only what the base lacks), full again past half new
+        short = []
+        for i in range(8):
+            client.chat.completions.create(model=EMBEDDED, max_tokens=16, temperature=0, extra_body={"session_id": sid},
+                                           messages=[{"role": "user", "content": f"Thanks. Go on with part {i}."}])
+            v, base = _versions(data, sid)
+            short.append({"version": v, "bytes": (data / "snapshots" / f"{sid}.{v}.pt").stat().st_size,
+                          "incremental_to": base})
+        before = state(h, sid)
+        version, base = _versions(data, sid)
+        snaps = [data / "snapshots" / f"{sid}.{v}.pt" for v in (version, base) if v]
         small = create_session(h)  # the issue's case: a few tokens used to write the whole 47.5 MB buffer
         client.chat.completions.create(model=EMBEDDED, max_tokens=2, temperature=0, extra_body={"session_id": small},
                                        messages=[{"role": "user", "content": "hi"}])
@@ -75,7 +98,8 @@ def snapshot_and_replay(tmp: Path) -> dict:
         small_size = next((data / "snapshots").glob(f"{small}.*.pt")).stat().st_size
     finally:
         srv.kill()
-    snap.unlink()
+    for snap in snaps:
+        snap.unlink()
     srv = Server(None, data).start()
     try:
         h = srv.http()
@@ -91,6 +115,7 @@ def snapshot_and_replay(tmp: Path) -> dict:
             "kv_bytes_per_token": 46080,
             "small_session_tokens_kept": small_kept, "small_session_snapshot_bytes": small_size,
             "snapshot_bytes_before_fix_reported": 47_500_000,
+            "short_turns_after": short,  # each turn's new snapshot file: incremental ones hold only new tokens
             "replay_seconds": round(seconds, 2), "replay_seconds_per_1k_tokens": round(seconds / seen * 1000, 3),
             "replayed_logits_identical": True}
 
