@@ -77,8 +77,8 @@ def snapshot_and_replay(tmp: Path) -> dict:
             client.chat.completions.create(model=EMBEDDED, max_tokens=16, temperature=0, extra_body={"session_id": sid},
                                            messages=[{"role": "user", "content": f"Part {i}. " + FILLER * 12}])
         before = state(h, sid)
-        version, _ = _versions(data, sid)
-        snap = data / "snapshots" / f"{sid}.{version}.pt"
+        version, base = _versions(data, sid)
+        snap = data / "snapshots" / f"{sid}.{base or version}.pt"  # the full one (the last may be incremental)
         size = snap.stat().st_size
         # then short turns: incremental snapshots (only what the base lacks), full again past half new
         short = []
