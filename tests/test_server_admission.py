@@ -69,7 +69,10 @@ def test_forward_bytes_bounds_what_one_prefill_chunk_allocates(smol, spec, chunk
 def test_transient_reserve_counts_the_largest_per_thread():
     small = Price(kv_bytes=10, extra_bytes=0, logits_bytes=0, step_tokens=1, forward_bytes=100)
     big = Price(kv_bytes=50, extra_bytes=0, logits_bytes=0, step_tokens=1, forward_bytes=20)
-    # one compute thread: the largest of max(forward, resident) = 100; two I/O threads: 50 + 10 resident
+    # one compute thread: the largest of max(forward, snapshot) = 100; two I/O threads: 50 + 10 of snapshots
     assert transient_reserve([small, big], 1, 2) == 100 + 60
     assert transient_reserve([small, big, big], 2, 1) == 100 + 50 + 50
     assert transient_reserve([], 1, 2) == 0
+    # a block store's RAM tier is held, not copied into snapshots: only the index part counts as transient
+    store = Price(kv_bytes=50, extra_bytes=1000, logits_bytes=0, step_tokens=1, forward_bytes=20, snapshot_extra_bytes=5)
+    assert store.resident_bytes == 1050 and transient_reserve([store], 1, 1) == 55 + 55

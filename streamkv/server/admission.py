@@ -46,15 +46,27 @@ EXTRA_RESIDENT_BYTES: dict[str, Callable[[object, dict, ServerConfig], int]] = {
     # memory: its store's RAM tier (the cap; between steps it may hold one chunk's blocks more, not priced)
     # and the index of representative keys, which grows with the store: reps/block of the keys in float16
     # (a quarter of float32 K+V per `reps` per `block`), bounded by this server's per-session disk quota.
-    "memory": lambda model, p, cfg: _store_bytes(p, cfg),
+    "memory": lambda model, p, cfg: _ram_tier_bytes(p) + _index_bytes(p, cfg),
     # duo with retrieval=memory: the same store, for its retrieval heads only (priced as if all were)
-    "duo": lambda model, p, cfg: _store_bytes(p, cfg) if p.get("retrieval") == "memory" else 0,
+    "duo": lambda model, p, cfg: _ram_tier_bytes(p) + _index_bytes(p, cfg) if p.get("retrieval") == "memory" else 0,
+}
+# The part of those that a snapshot copies (the RAM tier is flushed to the store's own files instead)
+SNAPSHOT_EXTRA_BYTES: dict[str, Callable[[object, dict, ServerConfig], int]] = {
+    "memory": lambda model, p, cfg: _index_bytes(p, cfg),
+    "duo": lambda model, p, cfg: _index_bytes(p, cfg) if p.get("retrieval") == "memory" else 0,
 }
 
 
-def _store_bytes(p: dict, cfg: ServerConfig) -> int:
-    get = lambda k: p.get(k) if p.get(k) is not None else _MEMORY_DEFAULTS[k]  # noqa: E731
-    return get("ram_mb") * MIB + cfg.max_session_disk_bytes * get("reps") // (4 * get("block"))
+def _memory_param(p: dict, k: str):
+    return p.get(k) if p.get(k) is not None else _MEMORY_DEFAULTS[k]
+
+
+def _ram_tier_bytes(p: dict) -> int:
+    return _memory_param(p, "ram_mb") * MIB
+
+
+def _index_bytes(p: dict, cfg: ServerConfig) -> int:
+    return cfg.max_session_disk_bytes * _memory_param(p, "reps") // (4 * _memory_param(p, "block"))
 
 
 @dataclass(frozen=True)
@@ -64,21 +76,27 @@ class Price:
     logits_bytes: int
     step_tokens: int  # tokens through the model per decode step
     forward_bytes: int = 0  # activations of one forward of a prefill chunk (transient)
+    snapshot_extra_bytes: int = 0  # the part of extra_bytes a snapshot copies
 
     @property
     def resident_bytes(self) -> int:
         return self.kv_bytes + self.extra_bytes + self.logits_bytes
 
     @property
+    def snapshot_bytes(self) -> int:
+        """The most a snapshot of it holds: a compact copy of the KV tier, the logits, what else it saves."""
+        return self.kv_bytes + self.logits_bytes + self.snapshot_extra_bytes
+
+    @property
     def compute_transient(self) -> int:
         """What a compute thread may allocate for this session at once: a forward, or loading its snapshot
-        (the file's bytes, at most what the session holds)."""
-        return max(self.forward_bytes, self.resident_bytes)
+        (the file's bytes)."""
+        return max(self.forward_bytes, self.snapshot_bytes)
 
     @property
     def io_transient(self) -> int:
         """What an I/O thread may allocate for it: the compact copy of its state a snapshot is written from."""
-        return self.resident_bytes
+        return self.snapshot_bytes
 
 
 @dataclass(frozen=True)
@@ -163,7 +181,8 @@ def price(model, name: str, params: dict, cfg: ServerConfig) -> Price:
     extra = EXTRA_RESIDENT_BYTES.get(name, lambda m, p, c: 0)(model, params, cfg)
     step = params.get("window", 1024) + 1 if name == "recompute" else 1
     fwd = forward_bytes(model, name, tokens, max(cfg.chunk_size, step))
-    return Price(tokens * kv_bytes_per_token(model), extra, model.config.vocab_size * 4, step, fwd)
+    saved = SNAPSHOT_EXTRA_BYTES.get(name, lambda m, p, c: 0)(model, params, cfg)
+    return Price(tokens * kv_bytes_per_token(model), extra, model.config.vocab_size * 4, step, fwd, saved)
 
 
 def resolve_budgets(cfg: ServerConfig) -> None:
@@ -209,7 +228,7 @@ def check_policy(cfg: ServerConfig, model, name: str, params: dict) -> Price:
     at_once = p.resident_bytes + transient_reserve([p], cfg.workers, cfg.io_threads)
     if cfg.max_cache_bytes is not None and at_once > cfg.max_cache_bytes:
         raise BadRequest(f"policy {name} {params} needs up to {mib(at_once)} of memory while a prefill chunk of "
-                         f"{cfg.chunk_size} tokens runs or a snapshot is written ({mib(p.resident_bytes)} kept); "
+                         f"{cfg.chunk_size} tokens runs or a snapshot is written ({mib(p.resident_bytes)} held); "
                          f"this server allows {mib(cfg.max_cache_bytes)} in all (--max-cache-mb): choose a "
                          "smaller window, or start the server with a smaller --chunk-size",
                          param="policy", code="policy_too_large")
