@@ -202,9 +202,11 @@ def reference_stream(model, ids: torch.Tensor, sinks: int, window: int, chunks: 
     sinks + window + itself, evicting afterwards, as streamkv does).
     """
     from transformers import DynamicCache
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
     n = ids.shape[1]
-    fed: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # stream index -> per-layer (k, v) as fed
+    fed: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}  # stream index -> per-layer (k, v) as fed
+    carried: dict[int, object] = {}  # hybrids: each recurrent layer's state after every token so far
     outs, start, step = [], 0, 0
     while start < n:
         q = min(chunks[step % len(chunks)], n - start)
@@ -216,17 +218,23 @@ def reference_stream(model, ids: torch.Tensor, sinks: int, window: int, chunks: 
         if sink_ids:
             pos = torch.arange(w0 - len(sink_ids), w0)[None]
             model(input_ids=ids[:, sink_ids], position_ids=pos, past_key_values=cache, use_cache=True)
+        for i, layer in carried.items():  # the sinks' re-run must not touch a recurrent state: it saw the stream
+            cache.layers[i] = layer
         if win:
             for layer_idx in range(len(fed[win[0]])):
+                if fed[win[0]][layer_idx] is None:  # a recurrent layer: no keys
+                    continue
                 k = torch.cat([fed[t][layer_idx][0] for t in win], dim=2)
                 v = torch.cat([fed[t][layer_idx][1] for t in win], dim=2)
                 cache.update(k, v, layer_idx)
         pos = torch.arange(start, start + q)[None]
         out = model(input_ids=ids[:, start : start + q], position_ids=pos, past_key_values=cache, use_cache=True)
         outs.append(out.logits[0].float())
-        layers = [(layer.keys[:, :, -q:], layer.values[:, :, -q:]) for layer in cache.layers]
+        carried = {i: layer for i, layer in enumerate(cache.layers) if isinstance(layer, LinearAttentionCacheLayerMixin)}
+        layers = [None if i in carried else (layer.keys[:, :, -q:], layer.values[:, :, -q:]) for i, layer in enumerate(cache.layers)]
         for j in range(q):
-            fed[start + j] = [(k[:, :, j : j + 1].clone(), v[:, :, j : j + 1].clone()) for k, v in layers]
+            fed[start + j] = [None if kv is None else (kv[0][:, :, j : j + 1].clone(), kv[1][:, :, j : j + 1].clone())
+                              for kv in layers]
         start, step = start + q, step + 1
     return torch.cat(outs)
 
@@ -358,7 +366,8 @@ def read_table(path) -> list[dict]:
 
 # refusal reasons, grouped for the summary (the first phrase that occurs in a reason names its group)
 _REASON_GROUPS = [
-    ("is a hybrid", "hybrid: recurrent (SSM / convolution / linear-attention) state in the cache"),
+    ("is a hybrid whose", "hybrid: keys/values and a recurrent state in one cache layer"),
+    ("is recurrent in every layer", "recurrent in every layer (SSM): constant-size already, no KV cache to bound"),
     ("keeps more than keys and values", "sparse-attention indexer or compressed KV in the cache"),
     ("shares KV between layers", "KV shared between layers"),
     ("does not run with a standard transformers DynamicCache", "needs a cache class of its own"),
@@ -375,6 +384,14 @@ _REASON_GROUPS = [
 
 # what the table cannot say by itself (kept here so that regenerating the table keeps it)
 NOTES = [
+    "Hybrids (Qwen3-Next, Qwen3.5, LFM2, Bamba, OLMo-hybrid, Bailing-hybrid): the layers that keep a recurrent "
+    "state (SSM, convolution or linear attention) get transformers' own cache layer, carried unchanged through "
+    "the stream and saved in snapshots; the slot table serves the attention layers. The reference carries each "
+    "recurrent layer's state across its steps too (the sinks' re-run does not touch it). `sink` and `window` "
+    "only: the other policies refuse hybrids. Still refused: layers holding KV *and* a recurrent state in one "
+    "cache layer (Falcon-H1, Zamba, Zaya, Inkling), and hybrids whose attention has no positional encoding at "
+    "all (Jamba, Nemotron-H, Granite 4 hybrid, Kimi Linear: the probe finds keys that ignore position_ids and "
+    "cannot tell them from ALiBi, so it refuses; streaming them would need only order, not rotation).",
     "Beam (`beam`): with its per-layer-type frequencies found, streaming it came within the tolerance (9e-5 of "
     "the logits' scale, 100x float noise), because its NoPE layers scale queries by `(1 + position / 2048) ** "
     "0.1`: a token's output depends on its absolute position, which streamkv chooses (positions restart). The "

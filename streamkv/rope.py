@@ -23,9 +23,11 @@ then *proves* each layer's description by a probe: a single token is fed at posi
 (1, 37, 1000); with a single token every layer's key at d must be its key at 0 rotated by d. The first
 description that reproduces every layer's keys is kept; a layer that no description fits (learned absolute
 positions, ALiBi, a rotation streamkv does not know) gets the model refused with `UnsupportedModelError`
-and the reason, instead of producing garbage. Models whose cache holds more than keys and values
-(recurrent or linear-attention layers, sparse-attention indexers) or shares KV between layers are refused
-by the same probe, as is any model that cannot run with a standard transformers `DynamicCache`.
+and the reason, instead of producing garbage. Layers that keep a recurrent state instead of keys and values
+(SSM, convolution or linear attention: the hybrids) have no description (None) and are carried unchanged by
+the caches; models whose cache layers hold more than keys and values (a recurrent state beside KV in one
+layer, sparse-attention indexers) or share KV between layers are refused by the same probe, as is any model
+that cannot run with a standard transformers `DynamicCache`.
 """
 from __future__ import annotations
 
@@ -416,14 +418,21 @@ def _single_token_kv(model, position: int) -> list[tuple[torch.Tensor, torch.Ten
             "are standard Caches, so it cannot stream this model (it needs a cache class of its own)."
         ) from None
     recurrent = [i for i, layer in enumerate(cache.layers) if isinstance(layer, LinearAttentionCacheLayerMixin)]
-    if recurrent:
+    both = [i for i in recurrent if isinstance(cache.layers[i], DynamicLayer)]
+    if both:
         raise UnsupportedModelError(
-            f"{_describe(model)} is a hybrid: {len(recurrent)} of its {len(cache.layers)} layers ({_layer_list(recurrent)}) "
-            "keep a recurrent state (SSM, convolution or linear attention) in the cache instead of, or besides, keys "
-            "and values; streamkv's caches keep only keys and values and cannot carry that state yet."
+            f"{_describe(model)} is a hybrid whose {_layer_list(both)} hold keys and values *and* a recurrent "
+            "state (SSM, convolution or linear attention) in one cache layer; streamkv carries recurrent state only "
+            "in layers of their own (Qwen3-Next, LFM2, Bamba, ...), not beside a streamed attention cache."
+        )
+    if recurrent and len(recurrent) == len(cache.layers):
+        raise UnsupportedModelError(
+            f"{_describe(model)} is recurrent in every layer (SSM, convolution or linear attention): its state is "
+            "constant-size already, so there is no KV cache to bound; run it with its own cache."
         )
     other = {type(layer).__name__ for layer in cache.layers
-             if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, DummyLayer)}
+             if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, DummyLayer) and not isinstance(
+                 layer, LinearAttentionCacheLayerMixin)}
     if other:
         raise UnsupportedModelError(
             f"{_describe(model)} keeps more than keys and values in its cache ({', '.join(sorted(other))}: the keys of "
@@ -436,7 +445,8 @@ def _single_token_kv(model, position: int) -> list[tuple[torch.Tensor, torch.Ten
             "Gemma 3n/4); streamkv's caches keep each layer's own KV and cannot hand it to another layer yet."
         )
     kv = [(layer.keys, layer.values) if getattr(layer, "keys", None) is not None else None for layer in cache.layers]
-    missing = [i for i, (x, layer) in enumerate(zip(kv, cache.layers)) if x is None and not isinstance(layer, DummyLayer)]
+    missing = [i for i, (x, layer) in enumerate(zip(kv, cache.layers))
+               if x is None and not isinstance(layer, (DummyLayer, LinearAttentionCacheLayerMixin))]
     if not any(x is not None for x in kv):
         raise UnsupportedModelError(
             f"{_describe(model)} stores no keys or values in the cache it is given: it keeps no KV cache of the standard "

@@ -58,17 +58,16 @@ def test_every_type_exact_in_the_committed_table_still_is(rows):
 MUST_STREAM = ["llama", "mistral", "qwen2", "phi3", "gpt_neox", "gemma2", "gemma3", "gemma3_text", "gemma4_text", "olmo3",
                "mellum", "laguna", "mimo_v2_flash", "modernbert-decoder", "smollm3", "exaone4", "llama4_text", "glm",
                "glm4", "cohere", "cohere2", "ernie4_5", "helium", "gptj", "codegen", "fuyu", "got_ocr2",
-               "deepseek_v2", "deepseek_v3", "minicpm3", "glm4_moe_lite", "nanochat"]
+               "deepseek_v2", "deepseek_v3", "minicpm3", "glm4_moe_lite", "nanochat",
+               "qwen3_next", "qwen3_5_text", "lfm2", "bamba"]  # hybrids: recurrent layers carried as they are
 MUST_REFUSE = {
     "gpt2": "learned or sinusoidal absolute positions",
     "opt": "learned or sinusoidal absolute positions",
     "bloom": "ALiBi",
     "mpt": "ALiBi",
     "deepseek_v32": "sparse-attention indexer",
-    "falcon_h1": "hybrid",
-    "qwen3_next": "hybrid",
-    "bamba": "hybrid",
-    "mamba": "recurrent state",
+    "falcon_h1": "a recurrent state (SSM, convolution or linear attention) in one cache layer",
+    "mamba": "recurrent in every layer",
     "minimax": "standard transformers DynamicCache",
     "gemma3n_text": "shares KV between layers",
     "beam": "depends on the absolute position",
@@ -146,3 +145,35 @@ def test_latent_mla_cache_streams_with_sink_and_is_refused_by_policies_that_atte
 def test_refusal_says_what_to_do():
     with pytest.raises(UnsupportedModelError, match="Use a RoPE model"):
         make_policy("sink", coverage.tiny_model("gpt2"))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "lfm2"])
+def test_hybrid_recurrent_state_is_saved_and_restored_exactly(model_type):
+    """A hybrid's recurrent layers carry the whole stream's state: a session restored from a snapshot (through
+    torch.save) continues with the same logits, and one restored with that state reset does not."""
+    import io
+
+    from streamkv.session import StreamSession
+
+    model = coverage.tiny_model(model_type)
+    ids = torch.randint(3, coverage.VOCAB, (40,), generator=torch.Generator().manual_seed(0))
+    a = StreamSession(model, None, "sink", chunk_size=5, sinks=2, window=6)
+    a.feed(ids[:30])
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert state["policy"]["recurrent"], "no recurrent state in the snapshot"
+    b = StreamSession(model, None, "sink", chunk_size=5, sinks=2, window=6)
+    b.load_state_dict(state)
+    assert torch.equal(b.feed(ids[30:]), a.feed(ids[30:]))
+    fresh = StreamSession(model, None, "sink", chunk_size=5, sinks=2, window=6)
+    blank = fresh.state_dict()["policy"]["recurrent"]  # a never-fed cache's recurrent layers
+    c = StreamSession(model, None, "sink", chunk_size=5, sinks=2, window=6)
+    c.load_state_dict({**state, "policy": {**state["policy"], "recurrent": blank}})
+    assert not torch.allclose(c.feed(ids[30:]), b.logits)  # the state matters: losing it changes the output
+
+
+@pytest.mark.parametrize("policy", ["h2o", "memory"])
+def test_hybrids_are_refused_by_policies_that_attend_themselves(policy):
+    with pytest.raises(UnsupportedModelError, match="hybrids"):
+        make_policy(policy, coverage.tiny_model("qwen3_next"))

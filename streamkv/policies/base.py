@@ -67,6 +67,8 @@ Per-KV-head layouts build on these three, and leave the slot table as it is (sha
 """
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 
 import torch
@@ -241,6 +243,14 @@ class StreamingCache(Cache):
                 "latent attention latent (its keys are expanded inside attention, the rotating rope keys sit in the "
                 "value slot); use sink, window or dense for it."
             )
+        # hybrids: layers that keep a recurrent state (SSM, convolution, linear attention) instead of KV get
+        # transformers' own cache layer, carried unchanged (constant-size); the slot table serves the rest
+        self._recurrent_protos = _recurrent_layers(model)
+        if self._recurrent_protos and custom:
+            raise UnsupportedModelError(
+                f"policy {self.name!r} is not built for hybrids yet: layers {sorted(self._recurrent_protos)[:5]} of this "
+                "model keep a recurrent state (SSM, convolution or linear attention); use sink or window for it."
+            )
         config = text_config(model.config)  # multimodal wrappers nest the decoder's config
         self.n_layers = config.num_hidden_layers
         # Bounded caches reorder tokens inside the buffer, which a sliding-window mask (index arithmetic)
@@ -253,6 +263,8 @@ class StreamingCache(Cache):
                     f"{budget + 1}; choose a budget below {window}."
                 )
         super().__init__(layers=[])
+        if self._recurrent_protos:  # every index exists from the start: a recurrent layer may be called first
+            self.layers = self._fresh_layers()
         self.budget, self.sinks = budget, sinks
         if max_position is None and budget is not None:
             # restart positions every ~budget+256 tokens; stay inside the trained context when it is small
@@ -275,6 +287,16 @@ class StreamingCache(Cache):
         if hasattr(self, "attend"):
             use_streamkv_attention(model)
         self._attended: set[int] = set()  # layers whose attention went through `attend` this step
+
+    def _fresh_layers(self) -> list:
+        """One layer per index for a hybrid: its own recurrent-state layer, or an empty slot-table layer."""
+        return [copy.deepcopy(self._recurrent_protos[i]) if i in self._recurrent_protos else StreamingLayer(self.observe)
+                for i in range(self.n_layers)]
+
+    @property
+    def kv_layers(self) -> list["StreamingLayer"]:
+        """The layers the slot table serves (all of them, except a hybrid's recurrent layers)."""
+        return [l for l in self.layers if isinstance(l, StreamingLayer)]
 
     def rope_for_layer(self, layer_idx: int) -> RopeSpec:
         """How layer `layer_idx` rotates its keys (and queries): layers may differ (local/global frequencies,
@@ -459,13 +481,14 @@ class StreamingCache(Cache):
     # ---- introspection and persistence ---------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes held by the KV buffers (allocated, not just filled)."""
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(layer.nbytes() for layer in self.kv_layers) + _recurrent_bytes(self.layers)
 
     def used_bytes(self) -> int:
         """Bytes of the keys/values actually kept (filled slots, pristine sink copies): what a policy needs,
         whatever its buffers' spare capacity. Policies that keep KV outside the slot table add theirs."""
         return sum(sum(t[:, :, : self.n_used].numel() * t.element_size() for t in (l.keys, l.values))
-                   + l.pin_keys.numel() * l.pin_keys.element_size() for l in self.layers if l.is_initialized)
+                   + l.pin_keys.numel() * l.pin_keys.element_size() for l in self.kv_layers if l.is_initialized) \
+            + _recurrent_bytes(self.layers)
 
     def describe(self) -> dict:
         return {"policy": self.name, "budget": self.budget, "sinks": self.sinks}
@@ -480,9 +503,11 @@ class StreamingCache(Cache):
             "n_used": self.n_used, "seen": self.seen, "next_pos": self.next_pos, "first_layer": self._first_layer,
             "layers": [
                 {"keys": grab(l.keys[:, :, : self.n_used]), "values": grab(l.values[:, :, : self.n_used]),
-                 "pin_keys": grab(l.pin_keys)} if l.is_initialized else None
+                 "pin_keys": grab(l.pin_keys)} if isinstance(l, StreamingLayer) and l.is_initialized else None
                 for l in self.layers
             ],
+            **({"recurrent": {i: _recurrent_state(self.layers[i]) for i in self._recurrent_protos}}
+               if self._recurrent_protos else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -493,7 +518,12 @@ class StreamingCache(Cache):
         self._first_layer = state["first_layer"]
         self.layers = []
         cap = self.seq.numel()
-        for saved in state["layers"]:
+        for i, saved in enumerate(state["layers"]):
+            if i in self._recurrent_protos:
+                layer = copy.deepcopy(self._recurrent_protos[i])
+                _load_recurrent(layer, state["recurrent"][i])
+                self.layers.append(layer)
+                continue
             layer = StreamingLayer(self.observe)
             if saved is not None:
                 slot = self.ropes[len(self.layers)].slot
@@ -502,6 +532,41 @@ class StreamingCache(Cache):
                 layer.values[:, :, : self.n_used] = saved["values"]
                 layer.pin_keys.copy_(saved["pin_keys"])
             self.layers.append(layer)
+
+
+# ---- hybrids: recurrent-state layers -------------------------------------------------------------------------
+
+def _recurrent_layers(model) -> dict:
+    """{layer index: an empty transformers cache layer} for the layers of `model` that keep a recurrent state
+    (the probe in rope.py has refused models whose recurrent layers also hold KV)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    layers = DynamicCache(config=model.config).layers
+    return {i: l for i, l in enumerate(layers) if isinstance(l, LinearAttentionCacheLayerMixin)}
+
+
+_RECURRENT_FIELDS = ("conv_states", "recurrent_states", "is_conv_states_initialized", "is_recurrent_states_initialized",
+                     "has_previous_state", "conv_kernel_size")
+
+
+def _recurrent_state(layer) -> dict:
+    """A recurrent layer's state, copied (its fields are dicts by state index)."""
+    return {f: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in getattr(layer, f).items()} for f in _RECURRENT_FIELDS}
+
+
+def _load_recurrent(layer, saved: dict) -> None:
+    for f in _RECURRENT_FIELDS:
+        setattr(layer, f, {k: (v.clone() if torch.is_tensor(v) else v) for k, v in saved[f].items()})
+    first = next((t for t in layer.conv_states.values() if t is not None), None)
+    first = first if first is not None else next((t for t in layer.recurrent_states.values() if t is not None), None)
+    if first is not None:
+        layer.dtype, layer.device = first.dtype, first.device
+
+
+def _recurrent_bytes(layers) -> int:
+    return sum(t.numel() * t.element_size() for l in layers if not isinstance(l, StreamingLayer)
+               for f in ("conv_states", "recurrent_states") for t in getattr(l, f, {}).values() if t is not None)
 
 
 # ---- incremental snapshots ------------------------------------------------------------------------------
