@@ -65,6 +65,12 @@ class SnapshotBase:
     size: int  # its bytes on disk (they count in the session's disk quota while it is a base)
 
 
+def snapshot_base(version: int, policy_state: dict, size: int) -> SnapshotBase | None:
+    """A full snapshot as the base of incremental ones (None for a policy state without a slot table)."""
+    index = snapshot_index(policy_state)
+    return SnapshotBase(version, index, size) if index is not None else None
+
+
 class ServerSession(StreamSession):
     """A StreamSession that remembers where the last generation started/ended in the stream (for usage
     counts), what kind of stream it is ('chat' turns or raw 'text' completions: they do not mix), and every
@@ -405,17 +411,13 @@ class SessionManager:
             return s
         try:
             state = self.store.read_snapshot(sid, version)
-            s.snapshot_base = None
-            if "base" in state:  # incremental: merged with the full snapshot it points at
-                base = self.store.read_snapshot(sid, state["base"])
-                base_policy = base["session"]["policy"]
-                state["session"]["policy"] = merge_delta(base_policy, state["session"]["policy"])
-                s.snapshot_base = SnapshotBase(state["base"], snapshot_index(base_policy),
-                                               self.store.snapshot_size(sid, state["base"]))
+            full = state.get("base", version)  # the full snapshot: this one, or the one it is incremental to
+            full_policy = state["session"]["policy"] if full == version else \
+                self.store.read_snapshot(sid, full)["session"]["policy"]
+            if full != version:
+                state["session"]["policy"] = merge_delta(full_policy, state["session"]["policy"])
             s.load_state_dict(state["session"])
-            if "base" not in state and snapshot_index(state["session"]["policy"]) is not None:
-                s.snapshot_base = SnapshotBase(version, snapshot_index(state["session"]["policy"]),
-                                               self.store.snapshot_size(sid, version))
+            s.snapshot_base = snapshot_base(full, full_policy, self.store.snapshot_size(sid, full))
             s.kind = state["kind"]
             s.mark_committed()
             log.info("session loaded", extra={"session_id": sid, "version": version})
@@ -442,8 +444,7 @@ class SessionManager:
         s.replay(records)
         full = {"session": s.state_dict(copy=True), "kind": s.kind}
         self.store.replace_snapshot(sid, version, full)
-        index = snapshot_index(full["session"]["policy"])
-        s.snapshot_base = SnapshotBase(version, index, self.store.snapshot_size(sid, version)) if index is not None else None
+        s.snapshot_base = snapshot_base(version, full["session"]["policy"], self.store.snapshot_size(sid, version))
         self.stats["rebuilds"] += 1
         log.warning("session rebuilt from its turn log", extra={
             "session_id": sid, "version": version, "reason": reason, "tokens": s.policy.seen,
@@ -485,8 +486,7 @@ class SessionManager:
                 state["session"]["policy"], state["base"] = delta, base.version
             size = self.store.write_snapshot(entry.sid, version, state)
             if delta is None:
-                index = snapshot_index(full_policy)
-                s.snapshot_base = SnapshotBase(version, index, size) if index is not None else None
+                s.snapshot_base = snapshot_base(version, full_policy, size)
             base_size = s.snapshot_base.size if delta is not None else 0
             if hasattr(s.policy, "store"):  # a memory session's block store counts in its disk quota
                 size += s.policy.store.disk_used()
