@@ -7,7 +7,8 @@ setting, warms up (one 600-token feed and 4 steps in a throwaway session: kernel
 streams generated filler text through a `sink` cache (sinks=4, window=1020: 1,024 kept tokens) in
 512-token chunks up to --position (prefill tokens/s), then times --steps single-token decode steps there
 (teacher-forced: the same work as sampling without the sampler). The JSON records lscpu (CPU model and
-flags), torch version, threads and the load average around every child.
+flags), torch version, threads and the load average around every child. With `llamacpp` in --settings the
+peer runs too, in its own processes in the same rotation, and the summary gives each setting's ratio to it.
 
     nice -n 10 python benchmarks/quant_decode.py --rounds 3 --out docs/results/quant_decode.json \\
         --plot docs/results/quant_decode.png
@@ -29,6 +30,10 @@ SETTINGS = {  # label -> models.load keyword arguments
     "int8": {"dtype": "float32", "quantize": "int8"},
     "int4": {"dtype": "float32", "quantize": "int4"},
 }
+# the peer: llama.cpp (llama-cpp-python, an optional extra that builds from source in ~15 min: never in CI)
+# on the embedded model's own GGUF file (Q4_1 weights), with llama.cpp's context shift
+PEER = "llamacpp"
+PEER_CTX, PEER_KEEP = 1024, 4  # its KV cache size and the tokens its context shift keeps (as sink's 4 sinks)
 
 
 def child(args) -> dict:
@@ -63,6 +68,55 @@ def child(args) -> dict:
             "decode_ms": [1000 * t for t in times], "decode_ms_median": 1000 * statistics.median(times),
             "decode_ms_mean": 1000 * statistics.fmean(times), "weight_bytes": q.get("weight_bytes"),
             "quantization": q}
+
+
+def child_llamacpp(args) -> dict:
+    """The same token ids, position and timed steps through llama.cpp. Its context shift, as llama.cpp's own
+    CLI does it: when the next batch does not fit its 1,024-token cache, the oldest half after the first 4
+    tokens is removed and the rest shifted down (llama.cpp re-rotates their keys): so at the timed steps it
+    holds between ~512 and 1,024 tokens (recorded), where `sink` holds 1,024."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    from streamkv.evaluation.passkey import filler_text
+    from streamkv.models import embedded_gguf, resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve(None))
+    ids = filler_text(tok, args.position + args.steps + 1)
+    llm = llama_cpp.Llama(model_path=str(embedded_gguf()), n_ctx=PEER_CTX, n_batch=512, n_ubatch=512,
+                          n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+
+    def feed(chunk: list[int]) -> None:
+        while llm.n_tokens + len(chunk) > PEER_CTX:  # context shift
+            n_discard = (llm.n_tokens - PEER_KEEP) // 2
+            llm._ctx.kv_cache_seq_rm(0, PEER_KEEP, PEER_KEEP + n_discard)
+            llm._ctx.kv_cache_seq_shift(0, PEER_KEEP + n_discard, llm.n_tokens, -n_discard)
+            llm.input_ids[PEER_KEEP : llm.n_tokens - n_discard] = llm.input_ids[PEER_KEEP + n_discard : llm.n_tokens].copy()
+            llm.n_tokens -= n_discard
+        llm.eval(chunk)
+
+    for i in range(0, 600, 512):  # warm-up, as the streamkv children
+        feed(ids[i : min(600, i + 512)])
+    llm.reset()
+    llm._ctx.kv_cache_seq_rm(0, 0, -1)
+    t0 = time.perf_counter()
+    for i in range(0, args.position, 512):
+        feed(ids[i : min(args.position, i + 512)])
+    prefill_s = time.perf_counter() - t0
+    times, cached = [], []
+    for i in range(args.position, args.position + args.steps):
+        t0 = time.perf_counter()
+        feed([ids[i]])
+        times.append(time.perf_counter() - t0)
+        cached.append(llm.n_tokens)
+    return {"setting": PEER, "engine": f"llama.cpp via llama-cpp-python {llama_cpp.__version__}",
+            "weights": "the embedded GGUF (Q4_1)", "threads": args.threads, "position": args.position,
+            "tokens_cached": cached[-1], "tokens_cached_min_max": [min(cached), max(cached)],
+            "prefill_tokens": args.position, "prefill_seconds": prefill_s,
+            "prefill_tokens_per_second": args.position / prefill_s,
+            "decode_ms": [1000 * t for t in times], "decode_ms_median": 1000 * statistics.median(times),
+            "decode_ms_mean": 1000 * statistics.fmean(times), "weight_bytes": embedded_gguf().stat().st_size,
+            "quantization": {}}
 
 
 def lscpu() -> dict:
@@ -102,17 +156,19 @@ def plot(result: dict, path: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of " + ", ".join(SETTINGS))
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help=f"comma-separated subset of {', '.join(SETTINGS)}, and {PEER} (the peer, if llama-cpp-python "
+                        "is installed: pip install llama-cpp-python, ~15 min to build)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--position", type=int, default=2048, help="stream position of the decode steps")
     p.add_argument("--steps", type=int, default=64, help="decode steps timed per run")
     p.add_argument("--out", default="quant_decode.json")
     p.add_argument("--plot", default="", help="PNG (optional)")
-    p.add_argument("--child", choices=list(SETTINGS), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=[*SETTINGS, PEER], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args)))
+        print(json.dumps(child_llamacpp(args) if args.child == PEER else child(args)))
         return 0
     import torch
     import transformers
@@ -150,6 +206,11 @@ def main() -> int:
     if base:
         for s in result["summary"].values():
             s["decode_speedup_vs_float32"] = base["decode_ms_median"] / s["decode_ms_median"]
+    peer = result["summary"].get(PEER)
+    if peer:  # the issue's ratios: streamkv decode ms / llama.cpp's, prefill tok/s / llama.cpp's (same run)
+        for s in result["summary"].values():
+            s["decode_ms_vs_llamacpp"] = s["decode_ms_median"] / peer["decode_ms_median"]
+            s["prefill_vs_llamacpp"] = s["prefill_tokens_per_second"] / peer["prefill_tokens_per_second"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.plot:
         plot(result, args.plot)
