@@ -6,7 +6,7 @@ asking for a 20-million-token window is refused with a 400 naming the limit, not
 OOM killer one turn later.
 
     resident bytes = max_resident_tokens(policy) * kv_bytes_per_token(model)   (the KV tier)
-                   + EXTRA_RESIDENT_BYTES[policy](model, params, cfg)          (other RAM tiers, e.g. a block store)
+                   + sum(store_bytes(policy, params, cfg))                      (a block store's RAM tier and index)
                    + vocab * 4                                                 (the next-token logits)
 
 A session also needs memory for a moment: a forward of one prefill chunk (activations, freed when it
@@ -40,33 +40,18 @@ def server_params(cfg: ServerConfig, name: str, params: dict) -> dict:
     """The parameters a session is built with: the client's, plus those the server sets (duo's pattern)."""
     return {**params, "pattern": cfg.duo_pattern} if name == "duo" else params
 
-# Per-policy RAM held beyond the KV tier (bytes), for policies that keep evicted KV in memory. A policy
-# without an entry holds nothing else.
-EXTRA_RESIDENT_BYTES: dict[str, Callable[[object, dict, ServerConfig], int]] = {
-    # memory: its store's RAM tier (the cap; between steps it may hold one chunk's blocks more, not priced)
-    # and the index of representative keys, which grows with the store: reps/block of the keys in float16
-    # (a quarter of float32 K+V per `reps` per `block`), bounded by this server's per-session disk quota.
-    "memory": lambda model, p, cfg: _ram_tier_bytes(p) + _index_bytes(p, cfg),
-    # duo with retrieval=memory: the same store, for its retrieval heads only (priced as if all were)
-    "duo": lambda model, p, cfg: _ram_tier_bytes(p) + _index_bytes(p, cfg) if p.get("retrieval") == "memory" else 0,
-}
-# The part of those that a snapshot copies (the RAM tier is flushed to the store's own files instead)
-SNAPSHOT_EXTRA_BYTES: dict[str, Callable[[object, dict, ServerConfig], int]] = {
-    "memory": lambda model, p, cfg: _index_bytes(p, cfg),
-    "duo": lambda model, p, cfg: _index_bytes(p, cfg) if p.get("retrieval") == "memory" else 0,
-}
-
-
-def _memory_param(p: dict, k: str):
-    return p.get(k) if p.get(k) is not None else _MEMORY_DEFAULTS[k]
-
-
-def _ram_tier_bytes(p: dict) -> int:
-    return _memory_param(p, "ram_mb") * MIB
-
-
-def _index_bytes(p: dict, cfg: ServerConfig) -> int:
-    return cfg.max_session_disk_bytes * _memory_param(p, "reps") // (4 * _memory_param(p, "block"))
+def store_bytes(name: str, p: dict, cfg: ServerConfig) -> tuple[int, int]:
+    """RAM a policy holds beyond the KV tier, as (block-store RAM tier, index of representative keys), for
+    the policies that keep evicted KV in a block store (`memory`; `duo` with retrieval=memory, priced as if
+    every head were a retrieval head); (0, 0) for the others.
+    * The RAM tier: its cap (between steps it may hold one chunk's blocks more, not priced). A snapshot does
+      not copy it (it is flushed to the store's own files).
+    * The index grows with the store: reps/block of the keys in float16 (a quarter of float32 K+V per `reps`
+      per `block`), bounded by this server's per-session disk quota. A snapshot copies it."""
+    if not (name == "memory" or (name == "duo" and p.get("retrieval") == "memory")):
+        return 0, 0
+    get = lambda k: p.get(k) if p.get(k) is not None else _MEMORY_DEFAULTS[k]  # noqa: E731
+    return get("ram_mb") * MIB, cfg.max_session_disk_bytes * get("reps") // (4 * get("block"))
 
 
 @dataclass(frozen=True)
@@ -109,6 +94,7 @@ class _Dims:
     vocab: int
     layers: int
     elem: int  # bytes per activation element
+    kv_token: int  # K+V bytes of one token, all layers (models.kv_bytes_per_token)
 
 
 def _dims(model) -> _Dims:
@@ -119,7 +105,7 @@ def _dims(model) -> _Dims:
         inter = max(inter)
     return _Dims(c.hidden_size, inter, hq, getattr(c, "num_key_value_heads", None) or hq,
                  getattr(c, "head_dim", None) or c.hidden_size // hq, c.vocab_size, c.num_hidden_layers,
-                 torch.finfo(model.dtype).bits // 8)
+                 torch.finfo(model.dtype).bits // 8, kv_bytes_per_token(model))
 
 
 # Per-policy activations of one forward beyond the common part (bytes), for policies that compute more.
@@ -141,7 +127,7 @@ FORWARD_EXTRA_BYTES: dict[str, Callable[[_Dims, int, int], int]] = {
 
 def _evicted(d: _Dims, chunk: int) -> int:
     """The keys/values a chunk evicts, every layer's, held until the step ends and hands them to the store."""
-    return chunk * 2 * d.layers * d.kv_heads * d.head_dim * d.elem
+    return chunk * d.kv_token
 
 
 def _more_parts(d: _Dims, chunk: int) -> int:
@@ -152,7 +138,7 @@ def _more_parts(d: _Dims, chunk: int) -> int:
 
 def _rerotate(d: _Dims, tokens: int) -> int:
     """One layer's kept keys/values, three copies (read, rotate, concatenate)."""
-    return 3 * tokens * 2 * d.kv_heads * d.head_dim * d.elem
+    return 3 * tokens * d.kv_token // d.layers
 
 
 def forward_bytes(model, name: str, tokens: int, chunk: int) -> int:
@@ -178,11 +164,10 @@ def price(model, name: str, params: dict, cfg: ServerConfig) -> Price:
     tokens = max_resident_tokens(name, params)  # ValueError for unknown policies/parameters
     if tokens is None:
         raise ValueError(f"policy {name!r} keeps every token: its memory is unbounded")
-    extra = EXTRA_RESIDENT_BYTES.get(name, lambda m, p, c: 0)(model, params, cfg)
+    ram_tier, index = store_bytes(name, params, cfg)
     step = params.get("window", 1024) + 1 if name == "recompute" else 1
     fwd = forward_bytes(model, name, tokens, max(cfg.chunk_size, step))
-    saved = SNAPSHOT_EXTRA_BYTES.get(name, lambda m, p, c: 0)(model, params, cfg)
-    return Price(tokens * kv_bytes_per_token(model), extra, model.config.vocab_size * 4, step, fwd, saved)
+    return Price(tokens * kv_bytes_per_token(model), ram_tier + index, model.config.vocab_size * 4, step, fwd, index)
 
 
 def resolve_budgets(cfg: ServerConfig) -> None:
