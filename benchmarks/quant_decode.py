@@ -29,6 +29,10 @@ SETTINGS = {  # label -> models.load keyword arguments
     "bfloat16": {"dtype": "bfloat16", "quantize": "none"},
     "int8": {"dtype": "float32", "quantize": "int8"},
     "int4": {"dtype": "float32", "quantize": "int4"},
+    # the same with the one-token step compiled (streamkv/compiled.py; compiled during the warm-up)
+    "float32+compile": {"dtype": "float32", "quantize": "none", "compile": True},
+    "int8+compile": {"dtype": "float32", "quantize": "int8", "compile": True},
+    "int4+compile": {"dtype": "float32", "quantize": "int4", "compile": True},
 }
 # the peer: llama.cpp (llama-cpp-python, an optional extra that builds from source in ~15 min: never in CI)
 # on the embedded model's own GGUF file (Q4_1 weights), with llama.cpp's context shift
@@ -39,6 +43,7 @@ PEER_CTX, PEER_KEEP = 1024, 4  # its KV cache size and the tokens its context sh
 def child(args) -> dict:
     import torch
 
+    from streamkv import compiled
     from streamkv.evaluation.passkey import filler_text
     from streamkv.models import load
     from streamkv.session import StreamSession
@@ -47,8 +52,11 @@ def child(args) -> dict:
     ids = torch.tensor(filler_text(tok, args.position + args.steps + 1), dtype=torch.long)
     with torch.inference_mode():
         warm = StreamSession(model, tok, "sink", sinks=4, window=1020, chunk_size=512)
-        warm.feed(ids[:600])  # first calls JIT oneDNN kernels and touch fresh memory: not what we measure
-        for i in range(600, 604):
+        # first calls JIT oneDNN kernels and touch fresh memory: not what we measure; with compile, the
+        # steps after the cache is full (1,024 tokens) compile the decode step, also not measured
+        n = 1030 if SETTINGS[args.child].get("compile") else 600
+        warm.feed(ids[:n])
+        for i in range(n, n + 4):
             warm.feed(ids[i : i + 1])
         del warm
         session = StreamSession(model, tok, "sink", sinks=4, window=1020, chunk_size=512)
@@ -61,7 +69,9 @@ def child(args) -> dict:
             session.feed(ids[i : i + 1])
             times.append(time.perf_counter() - t0)
     q = getattr(model, "streamkv_quantization", {})
+    step = compiled.decode_step(model)
     return {"setting": args.child, **SETTINGS[args.child], "threads": torch.get_num_threads(),
+            "compiled_steps": step.steps if step else 0, "compile_failed": step.failed if step else None,
             "position": args.position, "tokens_cached": session.stats()["tokens_cached"],
             "prefill_tokens": args.position, "prefill_seconds": prefill_s,
             "prefill_tokens_per_second": args.position / prefill_s,

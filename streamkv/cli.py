@@ -17,7 +17,7 @@ def _rss_mb() -> float:
 
 
 def add_load_args(p) -> None:
-    """--dtype, --quantize and --device: how the weights are loaded. The one definition of these flags (every
+    """--dtype, --quantize, --compile and --device: how the weights are loaded and run. The one definition of these flags (every
     command that loads a model calls this; `load_kwargs` turns them into `models.load` arguments)."""
     from .models import DEFAULT_DEVICE, DEFAULT_DTYPE, DTYPES
     from .quantize import QUANTIZE_MODES
@@ -26,13 +26,16 @@ def add_load_args(p) -> None:
     p.add_argument("--quantize", default=QUANTIZE_MODES[0], choices=QUANTIZE_MODES,
                    help="weight-only quantisation of the linear layers after loading, CPU only: int8 per channel, "
                         "int4 in groups of 32 (output head int8); faster decoding, see docs/RESULTS.md (default: none)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decode step with torch.compile (sink and window policies; the first "
+                        "steps take ~10-40 s to compile, then each is faster; falls back to eager with a warning)")
     p.add_argument("--device", default=DEFAULT_DEVICE,
                    help=f"torch device: cpu, cuda or cuda:N (default: {DEFAULT_DEVICE}; an error if CUDA is absent)")
 
 
 def load_kwargs(args) -> dict:
     """The `models.load` keyword arguments for the flags `add_load_args` defined."""
-    return {"dtype": args.dtype, "quantize": args.quantize, "device": args.device}
+    return {"dtype": args.dtype, "quantize": args.quantize, "device": args.device, "compile": args.compile}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

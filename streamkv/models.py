@@ -97,12 +97,13 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def load(name: str | None = None, dtype: str = DEFAULT_DTYPE, threads: int | None = None, *,
-         quantize: str | None = "none", device: str | None = None):
+         quantize: str | None = "none", device: str | None = None, compile: bool = False):
     """Load (model, tokenizer), ready for streaming. Raises UnsupportedModelError for architectures that
     cannot be streamed correctly, with the reason.
 
     quantize: 'none', 'int8' or 'int4': replace the linear layers' weights after loading (CPU only; see
-    streamkv/quantize.py). device: 'cpu' (default) or 'cuda[:N]'; checked before anything is loaded."""
+    streamkv/quantize.py). device: 'cpu' (default) or 'cuda[:N]'; checked before anything is loaded.
+    compile: decode steps of sink/window sessions run a `torch.compile`d forward (streamkv/compiled.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -135,6 +136,10 @@ def load(name: str | None = None, dtype: str = DEFAULT_DTYPE, threads: int | Non
         model.to(dev)
     quantize_model(model, quantize)
     rope_for(model)  # refuse unsupported architectures now, not mid-stream (probed on the final weights)
+    if compile:
+        from . import compiled
+
+        compiled.enable(model)
     model.streamkv_load_seconds = time.perf_counter() - t0
     model.streamkv_name = name or EMBEDDED
     return model, tokenizer

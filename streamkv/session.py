@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import compiled
 from .policies import Recompute, StreamingCache, make_policy
 from .rope import text_config
 from .sampling import Sampler, SamplingParams
@@ -100,9 +101,21 @@ class StreamSession:
     def _forward(self, chunk: torch.Tensor, all_logits: bool) -> torch.Tensor:
         if isinstance(self.policy, Recompute):
             return self.policy.forward(self.model, chunk, all_logits).float()
+        step = compiled.decode_step(self.model) if chunk.shape[1] == 1 and not all_logits else None
+        if step is not None:
+            position_ids = self.policy.position_ids(1).to(chunk.device)
+            try:
+                if self.policy.prepare_decode():  # steady state: the fixed-shape step (see compiled.py)
+                    return step(self.model, self.policy, chunk, position_ids)[0].float()
+                return self._eager(chunk, position_ids, all_logits)
+            finally:
+                self.policy.end_decode()
+        return self._eager(chunk, self.policy.position_ids(chunk.shape[1]).to(chunk.device), all_logits)
+
+    def _eager(self, chunk: torch.Tensor, position_ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         out = self.model(
             input_ids=chunk,
-            position_ids=self.policy.position_ids(chunk.shape[1]).to(chunk.device),
+            position_ids=position_ids,
             past_key_values=self.policy,
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,

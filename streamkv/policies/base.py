@@ -14,6 +14,11 @@ How it works (read this first)
   model attends over a view of the buffer. Order inside the buffer does not matter for one query (softmax
   is permutation-invariant); only positions do. Several tokens at once (prefill chunks) gather the kept
   tokens in stream order, append the chunk (the causal mask needs that order) and compact the survivors.
+* Compiled decoding (streamkv/compiled.py) needs fixed shapes: `prepare_decode` makes the next one-token
+  plan *before* the forward, and in steady state (every slot in use, no re-rotation but the sinks') hands
+  the layers a `_StaticStep` of index tensors; `apply_static` writes the new token's slot and the pinned
+  keys with `index_copy_` and returns the whole buffer. The table bookkeeping stays eager Python, outside
+  the traced region; steps that are not steady take the ordinary path with the plan already made.
 
 Positions ("by place in the cache", as StreamingLLM)
 -----------------------------------------------------
@@ -109,6 +114,16 @@ class _Plan:
         return self._cs[key]
 
 
+@dataclass
+class _StaticStep:
+    """A decode step in steady state, as tensors only (what a compiled step reads; see `prepare_decode`)."""
+
+    slot: torch.Tensor  # [1]: the slot the new token is written to (the one the last step evicted)
+    pin_slots: torch.Tensor  # [S]: slots of the pinned tokens ...
+    pin_idx: torch.Tensor  # [S]: ... their pristine copies ...
+    pin_cos_sin: list  # ... per layer (cos, sin) [S, rotary_dim] of their rotation
+
+
 class StreamingLayer(CacheLayerMixin):
     """One transformer layer's KV buffers. All bookkeeping lives in the owning `StreamingCache`."""
 
@@ -182,6 +197,18 @@ class StreamingLayer(CacheLayerMixin):
         self.keys[:, :, :n] = keys[:, :, plan.keep_idx]
         self.values[:, :, :n] = values[:, :, plan.keep_idx]
         return keys, values
+
+    def apply_static(self, k: torch.Tensor, v: torch.Tensor, step: "_StaticStep", layer_idx: int, rope: RopeSpec):
+        """The fixed-shape decode step (see `StreamingCache.prepare_decode`): write the new token into its slot,
+        re-rotate the pinned tokens from their pristine copies, attend over the whole buffer. Only tensor
+        ops with tensor indices, so a compiled step traces it once and replays it at every position."""
+        self.keys.index_copy_(2, step.slot, k)  # [1, H, cap, D] <- [1, H, 1, D]
+        self.values.index_copy_(2, step.slot, v)
+        if step.pin_slots.numel() and rope.rotates:
+            rotating = self.values if rope.slot == "values" else self.keys
+            cos, sin = step.pin_cos_sin[layer_idx]
+            rotating.index_copy_(2, step.pin_slots, rope.apply(self.pin_keys[:, :, step.pin_idx], cos, sin))
+        return self.keys, self.values
 
     def finish_step(self, plan: _Plan) -> torch.Tensor | None:
         """After attention: move the received-attention scores along with the compacted slots. Returns the
@@ -283,6 +310,9 @@ class StreamingCache(Cache):
         self.next_pos = 0  # position the next token gets unless position_ids() rebases
         self._requested_p0: int | None = None
         self._plan: _Plan | None = None
+        self._ready: _Plan | None = None  # a plan `prepare_decode` made for a step it could not make static
+        self._static: _StaticStep | None = None  # set for one fixed-shape decode step (`prepare_decode`)
+        self._n_kept_before: int | None = None  # what n_kept was before a plan `prepare_decode` made in advance
         self._first_layer: int | None = None
         if hasattr(self, "attend"):
             use_streamkv_attention(model)
@@ -337,6 +367,8 @@ class StreamingCache(Cache):
     # ---- transformers Cache interface ---------------------------------------------------------------
     @property
     def n_kept(self) -> int:
+        if self._n_kept_before is not None:  # a plan made in advance: the model asks what was kept before it
+            return self._n_kept_before  # (a Python int: a compiled step must not turn a tensor into an int)
         return int((self.seq[: self.n_used] >= 0).sum())
 
     @property
@@ -359,11 +391,13 @@ class StreamingCache(Cache):
                 f"a streamkv cache holds one stream (batch size 1), got batch size {key_states.shape[0]}; "
                 "use one cache (or StreamSession) per stream"
             )
+        if self._static is not None:
+            return self.layers[layer_idx].apply_static(key_states, value_states, self._static, layer_idx, self.ropes[layer_idx])
         if self._first_layer is None:
             self._first_layer = layer_idx
         if layer_idx == self._first_layer:
             self._check_attended()
-            self._plan = self._make_plan(key_states.shape[2])
+            self._plan, self._ready, self._n_kept_before = self._ready or self._make_plan(key_states.shape[2]), None, None
             self._attended = set()
         while len(self.layers) <= layer_idx:
             self.layers.append(StreamingLayer(self.observe))
@@ -398,6 +432,46 @@ class StreamingCache(Cache):
     def batch_repeat_interleave(self, repeats: int):
         if repeats != 1:
             raise NotImplementedError("streamkv caches hold one stream (num_return_sequences must be 1)")
+
+    # ---- the fixed-shape decode step (compiled decoding, see streamkv/compiled.py) --------------------------
+    @property
+    def static_decode_capable(self) -> bool:
+        """Whether this policy's decode steps can take the fixed-shape path: the slot table alone (sink,
+        window). Policies that attend themselves, observe, keep evicted tokens or reserve a gap run Python
+        per step (block choice, scores) and stay eager; so do hybrids (their recurrent layers)."""
+        return (self.budget is not None and not hasattr(self, "attend") and not self.observe
+                and not self.keeps_evicted and not self.reserved and not self._recurrent_protos)
+
+    def prepare_decode(self) -> bool:
+        """Make the plan of the next one-token step now, outside the model's forward. True when it is a
+        steady-state step (cache full, the new token goes into the slot the last step freed, no re-rotation
+        but the pinned tokens', no new pin): then every layer's `update` runs `apply_static`, whose shapes
+        never change, until `end_decode`. Otherwise the plan is kept for the forward's first `update` (the
+        ordinary path) and False is returned. Call `position_ids(1)` first, as for any step."""
+        if not self.static_decode_capable or self._first_layer is None:
+            return False
+        n_kept = self.n_kept
+        plan = self._make_plan(1)
+        self._n_kept_before = n_kept
+        layers = self.layers
+        steady = (plan.append_slot is not None and plan.n_view == plan.capacity and not plan.rot_slots.numel()
+                  and not plan.new_pins and len(layers) == self.n_layers and all(l.is_initialized for l in layers))
+        if not steady:
+            self._ready = plan
+            return False
+        self._plan, self._attended = plan, set()
+        cos_sin = []
+        for layer, rope in zip(layers, self.ropes):
+            cos, sin = plan.cos_sin(rope, "pin")  # computed once per distinct layer description
+            cos_sin.append((cos.to(layer.keys.device, layer.keys.dtype), sin.to(layer.keys.device, layer.keys.dtype)))
+        device = layers[0].keys.device
+        self._static = _StaticStep(torch.tensor([plan.append_slot], device=device), plan.pin_slots.to(device),
+                                   plan.pin_idx.to(device), cos_sin)
+        return True
+
+    def end_decode(self) -> None:
+        """After the step's forward (also when it failed)."""
+        self._static = self._n_kept_before = self._ready = None
 
     # ---- the plan ---------------------------------------------------------------------------------
     def _ensure_capacity(self, needed: int) -> int:

@@ -142,7 +142,8 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
     store = Store(cfg.data_dir)
     if model is None:
         from ..models import load
-        model, tokenizer = load(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, threads=cfg.threads)
+        model, tokenizer = load(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, threads=cfg.threads,
+                                compile=cfg.compile)
     resolve_budgets(cfg)
     if "dense" in cfg.allowed_policies:
         raise ValueError("the dense policy cannot be served: its memory grows without bound")

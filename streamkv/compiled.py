@@ -1,0 +1,71 @@
+"""A compiled decode step: `torch.compile` of the one-token forward, for the slot-table policies (sink, window).
+
+Why: at one token per step a 135M model runs ~800 small ops, and on a 2-core CPU their per-op cost (Python,
+dispatch, allocation) is a large share of a step next to the weight reads (issue 10's profile: ~28 of 95 ms).
+Inductor fuses the norms, rotations and activations into a few C++ loops and drops that overhead.
+
+What makes it traceable (gpt-fast's recipe: fixed shapes, bookkeeping outside): `StreamingCache.prepare_decode`
+makes the step's plan before the forward, in eager Python, and hands the layers a `_StaticStep` of tensors
+only (the slot the new token goes to, the pinned slots and their rotation). In steady state (cache full)
+every layer then writes one slot and attends over its whole buffer, so the shapes are the same at every
+position and the step is traced once per model and cache shape, then replayed. Steps that are not steady
+(the cache still filling, a position restart, prefill chunks) and policies that choose tokens in Python
+(memory, h2o, sirllm, duo) run eagerly: the same cache code, so both paths keep one state.
+
+Exactness: the compiled step runs the same arithmetic as the eager one, reordered by inductor's fusions
+(float32: logits within 1e-4 of eager, tests/test_compiled.py). Where compiling fails (no C++ compiler, an
+operator inductor cannot lower) the step falls back to eager with one warning, and stays eager for that model.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+
+_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, _Decode]" = weakref.WeakKeyDictionary()
+
+
+def _forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
+                 logits_to_keep=1).logits
+
+
+class _Decode:
+    """One model's compiled step (dynamo keeps one graph per cache shape; sessions of one shape share it)."""
+
+    def __init__(self, model):
+        import torch._dynamo
+
+        # one graph per cache shape and model; the default limit (8) would silently fall back to eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.fn = torch.compile(_forward, dynamic=False)
+        self.failed: str | None = None
+        self.steps = 0  # compiled steps run (tests check the path was taken)
+
+    def __call__(self, model, cache, input_ids, position_ids) -> torch.Tensor:
+        if self.failed is None:
+            try:
+                out = self.fn(model, cache, input_ids, position_ids)
+                self.steps += 1
+                return out
+            except Exception as e:  # noqa: BLE001 - any compile failure: warn once, decode eagerly
+                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                warnings.warn(f"compiled decoding is unavailable for this model ({self.failed}); decoding eagerly",
+                              RuntimeWarning, stacklevel=3)
+        return _forward(model, cache, input_ids, position_ids)
+
+
+def enable(model) -> None:
+    """Compile `model`'s one-token steps (on first use) for every session on it."""
+    if model not in _STEPS:
+        _STEPS[model] = _Decode(model)
+
+
+def disable(model) -> None:
+    _STEPS.pop(model, None)
+
+
+def decode_step(model) -> _Decode | None:
+    """The compiled step of `model`, or None when compiled decoding is off for it."""
+    return _STEPS.get(model)
