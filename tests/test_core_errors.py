@@ -97,12 +97,16 @@ def test_dynamic_rope_refused():
         make_policy("sink", LlamaForCausalLM(cfg).eval())
 
 
-def test_sliding_window_smaller_than_budget_refused():
+def test_budget_beyond_a_sliding_window():
+    """sink/window mask local layers by place (tests/test_core_local_windows.py); policies that attend by
+    themselves refuse, saying why and what to do; a budget inside the window needs no mask."""
     cfg = MistralConfig(num_hidden_layers=1, num_key_value_heads=2, sliding_window=16, **COMMON)
     m = MistralForCausalLM(cfg).eval()
-    with pytest.raises(UnsupportedModelError, match="sliding window of 16"):
-        make_policy("sink", m, sinks=4, window=60)
-    make_policy("sink", m, sinks=4, window=10)  # fits inside the model's own window: fine
+    assert make_policy("sink", m, sinks=4, window=60).local_windows == {0: 16}
+    for name in ("h2o", "memory"):
+        with pytest.raises(UnsupportedModelError, match=f"sliding window of 16 tokens.*policy '{name}' attends by itself"):
+            make_policy(name, m, sinks=4, window=60)
+    assert make_policy("sink", m, sinks=4, window=10).local_windows == {}  # fits inside the model's own window
 
 
 def test_unsupported_generate_features(model):

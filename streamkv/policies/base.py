@@ -39,6 +39,11 @@ Because RoPE is relative, a key only needs re-rotation when its *distance* to th
   `RopeSpec` (`rope_for_layer(i)`, proven by the probe in rope.py): local and global layers at their own
   frequencies (Gemma 3), interleaved pairs (GLM, Cohere), and NoPE layers (SmolLM3) not at all. The plan
   holds the position deltas; each distinct description computes its cos/sin once per step.
+* Local (sliding-window) layers whose window is narrower than the budget (Gemma 2/3/4, Mistral, gpt-oss,
+  OLMo 3, ...) attend through `_local_attention`: the same buffers, each query masked to the keys less than
+  the window behind it *by place* (`plan.key_pos`), which is what the model's own mask does over a cache
+  laid out in stream order. The global layers keep sinks + window as usual. Masked, not dropped: local
+  layers still hold the whole budget (per-layer buffer sizes are not built).
 
 Writing a policy
 ----------------
@@ -73,13 +78,15 @@ Per-KV-head layouts build on these three, and leave the slot table as it is (sha
 from __future__ import annotations
 
 import copy
+import sys
 
 from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..attention import set_hook, use_streamkv_attention
+from ..attention import NAME, set_hook, use_streamkv_attention
 from ..rope import RopeSpec, UnsupportedModelError, rope_layers, text_config
 
 
@@ -102,6 +109,8 @@ class _Plan:
     evict_seq: torch.Tensor | None = None  # ... their stream indices (ascending) ...
     evict_pos: torch.Tensor | None = None  # ... and the positions their keys are rotated at
     window_start: int = 0  # position of the oldest kept unpinned token (the gap ends right before it)
+    p0: int = 0  # position of the step's first new token
+    key_pos: torch.Tensor | None = None  # position of every key attended this step, in the returned order
     gap: int = 0  # positions reserved between the pinned tokens and the window
     _cs: dict = field(default_factory=dict)  # (id(rope), which) -> (cos, sin), computed once per step
 
@@ -280,15 +289,29 @@ class StreamingCache(Cache):
             )
         config = text_config(model.config)  # multimodal wrappers nest the decoder's config
         self.n_layers = config.num_hidden_layers
-        # Bounded caches reorder tokens inside the buffer, which a sliding-window mask (index arithmetic)
-        # would misread; dense keeps stream order, so the model's own sliding mask stays right.
-        window = getattr(config, "sliding_window", None)
-        if window is not None and getattr(config, "use_sliding_window", True) is not False:
-            if budget is not None and budget + 1 > window:
-                raise UnsupportedModelError(
-                    f"the model attends within a sliding window of {window} tokens, but this cache keeps "
-                    f"{budget + 1}; choose a budget below {window}."
-                )
+        # Local (sliding-window) layers. While the cache holds no more than a layer's window, everything kept
+        # is inside it. Past that, the model's own sliding mask is index arithmetic over a buffer whose order a
+        # bounded cache does not keep, so those layers attend through `_local_attention` instead: the same
+        # tokens, masked by *place* (the positions this cache gives them), so a local layer sees the last W
+        # places as it would in a cache laid out in stream order. Dense keeps stream order: its mask is right.
+        self.local_windows: dict[int, int] = {}  # layer -> its window, for local layers narrower than the budget
+        if budget is not None:
+            self.local_windows = {i: w for i, w in enumerate(_layer_windows(model, config)) if w is not None and budget + 1 > w}
+        impl = getattr(model.config, "_attn_implementation", None)
+        if self.local_windows and impl not in ("sdpa", NAME):
+            w = min(self.local_windows.values())
+            raise UnsupportedModelError(
+                f"layers {sorted(self.local_windows)[:5]} of this model attend within a sliding window of {w} tokens and "
+                f"this cache keeps {budget + 1}: streamkv masks such layers through SDPA, but this model attends with "
+                f"{impl!r} (e.g. attention logit soft-capping, which SDPA lacks); choose a budget below {w}."
+            )
+        if self.local_windows and custom:
+            w = min(self.local_windows.values())
+            raise UnsupportedModelError(
+                f"layers {sorted(self.local_windows)[:5]} of this model attend within a sliding window of {w} tokens, "
+                f"but this cache keeps {budget + 1}; policy {self.name!r} attends by itself and does not mask local "
+                f"layers yet: choose a budget below {w}, or use sink or window (they mask local layers by place)."
+            )
         super().__init__(layers=[])
         if self._recurrent_protos:  # every index exists from the start: a recurrent layer may be called first
             self.layers = self._fresh_layers()
@@ -314,7 +337,7 @@ class StreamingCache(Cache):
         self._static: _StaticStep | None = None  # set for one fixed-shape decode step (`prepare_decode`)
         self._n_kept_before: int | None = None  # what n_kept was before a plan `prepare_decode` made in advance
         self._first_layer: int | None = None
-        if hasattr(self, "attend"):
+        if hasattr(self, "attend") or self.local_windows:
             use_streamkv_attention(model)
         self._attended: set[int] = set()  # layers whose attention went through `attend` this step
 
@@ -404,7 +427,21 @@ class StreamingCache(Cache):
         keys, values = self.layers[layer_idx].apply(key_states, value_states, self._plan, self.ropes[layer_idx], self.sinks)
         if hasattr(self, "attend"):
             set_hook(keys, lambda module, query, k, v, scaling: self._attend_layer(layer_idx, module, query, k, v, scaling))
+        elif layer_idx in self.local_windows:
+            set_hook(keys, lambda module, query, k, v, scaling: self._local_attention(layer_idx, module, query, k, v, scaling))
         return keys, values
+
+    def _local_attention(self, layer_idx, module, query, keys, values, scaling):
+        """A local layer's attention: the model's own SDPA over the returned keys, each query seeing the keys
+        whose place is less than the layer's window behind it (and not ahead of it)."""
+        plan, w = self._plan, self.local_windows[layer_idx]
+        masks = plan.__dict__.setdefault("local_masks", {})
+        if w not in masks:
+            q_pos = torch.arange(plan.p0, plan.p0 + query.shape[2])  # [q]
+            dist = q_pos[:, None] - plan.key_pos[None, :]  # [q, k]: places between each query and each key
+            masks[w] = ((dist >= 0) & (dist < w))[None, None].to(query.device)  # [1, 1, q, k]
+        out, _ = sdpa_attention_forward(module, query, keys, values, masks[w], scaling=scaling)
+        return out
 
     def _attend_layer(self, layer_idx, module, query, keys, values, scaling):
         self._attended.add(layer_idx)
@@ -439,7 +476,7 @@ class StreamingCache(Cache):
         """Whether this policy's decode steps can take the fixed-shape path: the slot table alone (sink,
         window). Policies that attend themselves, observe, keep evicted tokens or reserve a gap run Python
         per step (block choice, scores) and stay eager; so do hybrids (their recurrent layers)."""
-        return (self.budget is not None and not hasattr(self, "attend") and not self.observe
+        return (self.budget is not None and not hasattr(self, "attend") and not self.observe and not self.local_windows
                 and not self.keeps_evicted and not self.reserved and not self._recurrent_protos)
 
     def prepare_decode(self) -> bool:
@@ -516,6 +553,7 @@ class StreamingCache(Cache):
         plan = _Plan(self.seq.numel(), rot_slots, rot_delta, pin_slots, pin_idx, pin_delta, new_pins)
         plan.gap = gap
         plan.window_start = p0 - n_kept + int(pinned.sum())
+        plan.p0 = p0
 
         holes = (used < 0).nonzero().squeeze(1)
         if q == 1 and holes.numel() <= 1:  # decode fast path
@@ -525,6 +563,8 @@ class StreamingCache(Cache):
                 slot, plan.n_view = self.n_used, self.n_used + 1
                 plan.capacity = self._ensure_capacity(plan.n_view)
             self.seq[slot], self.pos[slot] = new_seq[0], p0
+            if self.local_windows:
+                plan.key_pos = self.pos[: plan.n_view].clone()
             gone = ~keep[:n_kept]
             if self.keeps_evicted and (bool(gone.any()) or not keep[-1]):
                 plan.evict_src = torch.cat([kept_slots[gone], torch.tensor([slot] if not keep[-1] else [], dtype=torch.long)])
@@ -546,6 +586,8 @@ class StreamingCache(Cache):
         self.pos[:n] = torch.cat([wanted, new_pos])[keep_idx]
         self.n_used = n
         plan.gather_slots, plan.keep_idx = kept_slots, keep_idx
+        if self.local_windows:
+            plan.key_pos = torch.cat([wanted, new_pos])
         if self.keeps_evicted and n < keep.numel():
             plan.evict_src = (~keep).nonzero().squeeze(1)
             plan.evict_seq = torch.cat([kept_seq, new_seq])[plan.evict_src]
@@ -606,6 +648,24 @@ class StreamingCache(Cache):
                 layer.values[:, :, : self.n_used] = saved["values"]
                 layer.pin_keys.copy_(saved["pin_keys"])
             self.layers.append(layer)
+
+
+def _layer_windows(model, config) -> list[int | None]:
+    """Each layer's sliding window (None: attends everything), as transformers builds its masks: per layer
+    type where the config lists them (Gemma 2/3, gpt-oss, OLMo 3: "sliding_attention"), else the model-wide
+    `sliding_window` for every layer (Mistral, Qwen2 with use_sliding_window). A config may carry a
+    `sliding_window` its model never applies (Moshi): only models whose modeling code builds sliding masks
+    (imports transformers' `create_sliding_window_causal_mask`) count; the coverage sweep checks each type."""
+    n, window = config.num_hidden_layers, getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return [None] * n
+    modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
+    if not any(hasattr(mod, "create_sliding_window_causal_mask") for mod in modules if mod is not None):
+        return [None] * n
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types[:n]]
+    return [window] * n
 
 
 # ---- hybrids: recurrent-state layers -------------------------------------------------------------------------
