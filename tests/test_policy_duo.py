@@ -40,7 +40,7 @@ def test_every_head_streaming_equals_sink(arch):
     assert duo.nbytes() == sink.nbytes()  # nothing kept beyond the slot table
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox", "cohere", "smollm3", "gemma3"])
 @pytest.mark.parametrize("chunks", [[1], [5, 1, 1, 9, 1, 2]], ids=["token-by-token", "chunked"])
 def test_one_layer_each_head_equals_fresh_forward_over_its_tokens(arch, chunks):
     """One layer, heads of both kinds: at every step a streaming head's output equals a fresh forward over

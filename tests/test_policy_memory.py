@@ -62,7 +62,7 @@ def _attended(kept, blocks, sinks, block, start, q, placement):
     return context, list(range(n_s)) + [n_s] * len(mem) + list(range(n_s + one, n_s + one + len(win_ids) + q))
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox", "cohere", "smollm3", "gemma3"])
 @pytest.mark.parametrize("placement", ["contiguous", "fixed"])
 @pytest.mark.parametrize("chunks,reselect", [([1], 1), ([5, 1, 1, 9, 1, 2], 1), ([5, 1, 1, 1, 1, 1, 1, 2], 3)],
                          ids=["token-by-token", "chunked", "chunked-reselect-3"])

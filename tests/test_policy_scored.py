@@ -52,7 +52,7 @@ def test_budget_larger_than_stream_equals_dense(arch, policy, params):
     assert (got - reference).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox", "cohere", "smollm3", "gemma3"])
 @pytest.mark.parametrize("policy", ["by_value", "h2o"])
 @pytest.mark.parametrize("chunks", [[1], [5, 1, 1, 9, 1, 2]], ids=["token-by-token", "chunked"])
 def test_one_layer_each_head_equals_fresh_forward_over_its_tokens(arch, policy, chunks):
