@@ -81,45 +81,32 @@ def child(args) -> dict:
 
 
 def child_llamacpp(args) -> dict:
-    """The same token ids, position and timed steps through llama.cpp. Its context shift, as llama.cpp's own
-    CLI does it: when the next batch does not fit its 1,024-token cache, the oldest half after the first 4
-    tokens is removed and the rest shifted down (llama.cpp re-rotates their keys): so at the timed steps it
+    """The same token ids, position and timed steps through llama.cpp with its context shift
+    (`streamkv.evaluation.peer.LlamaCppStream`, as `streamkv bench --peer llamacpp`): at the timed steps it
     holds between ~512 and 1,024 tokens (recorded), where `sink` holds 1,024."""
-    import llama_cpp
     from transformers import AutoTokenizer
 
     from streamkv.evaluation.passkey import filler_text
+    from streamkv.evaluation.peer import LlamaCppStream
     from streamkv.models import embedded_gguf, resolve
 
     tok = AutoTokenizer.from_pretrained(resolve(None))
     ids = filler_text(tok, args.position + args.steps + 1)
-    llm = llama_cpp.Llama(model_path=str(embedded_gguf()), n_ctx=PEER_CTX, n_batch=512, n_ubatch=512,
-                          n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-
-    def feed(chunk: list[int]) -> None:
-        while llm.n_tokens + len(chunk) > PEER_CTX:  # context shift
-            n_discard = (llm.n_tokens - PEER_KEEP) // 2
-            llm._ctx.kv_cache_seq_rm(0, PEER_KEEP, PEER_KEEP + n_discard)
-            llm._ctx.kv_cache_seq_shift(0, PEER_KEEP + n_discard, llm.n_tokens, -n_discard)
-            llm.input_ids[PEER_KEEP : llm.n_tokens - n_discard] = llm.input_ids[PEER_KEEP + n_discard : llm.n_tokens].copy()
-            llm.n_tokens -= n_discard
-        llm.eval(chunk)
-
+    stream = LlamaCppStream(args.threads, ctx=PEER_CTX, keep=PEER_KEEP)
     for i in range(0, 600, 512):  # warm-up, as the streamkv children
-        feed(ids[i : min(600, i + 512)])
-    llm.reset()
-    llm._ctx.kv_cache_seq_rm(0, 0, -1)
+        stream.feed(ids[i : min(600, i + 512)])
+    stream.reset()
     t0 = time.perf_counter()
     for i in range(0, args.position, 512):
-        feed(ids[i : min(args.position, i + 512)])
+        stream.feed(ids[i : min(args.position, i + 512)])
     prefill_s = time.perf_counter() - t0
     times, cached = [], []
     for i in range(args.position, args.position + args.steps):
         t0 = time.perf_counter()
-        feed([ids[i]])
+        stream.feed([ids[i]])
         times.append(time.perf_counter() - t0)
-        cached.append(llm.n_tokens)
-    return {"setting": PEER, "engine": f"llama.cpp via llama-cpp-python {llama_cpp.__version__}",
+        cached.append(stream.n_cached)
+    return {"setting": PEER, "engine": f"llama.cpp via llama-cpp-python {stream.version}",
             "weights": "the embedded GGUF (Q4_1)", "threads": args.threads, "position": args.position,
             "tokens_cached": cached[-1], "tokens_cached_min_max": [min(cached), max(cached)],
             "prefill_tokens": args.position, "prefill_seconds": prefill_s,

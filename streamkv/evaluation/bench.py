@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .common import EvalError, PolicySpec, header, load_model, parse_policies, policy_window, read_text_file, rss_bytes, write_json
+from .peer import PEERS
 
 DEFAULT_POINTS = [1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000, 1000000]
 
@@ -113,14 +114,30 @@ def _child(conn, model_name, load_kw, threads, ids, spec, points, kw):
         conn.close()
 
 
-def run_isolated(args, ids, spec, points, kw) -> dict:
+def _peer_child(conn, peer, threads, ids, points, kw):
+    """The peer engine (llama.cpp) in a fresh process, as `_child` runs a policy."""
+    try:
+        from .peer import bench_llamacpp
+
+        conn.send(("ok", bench_llamacpp(ids, points, steps=kw["steps"], chunk_size=kw["chunk_size"], threads=threads)))
+    except BaseException as e:  # pragma: no cover - reported by the parent
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def run_isolated(args, ids, spec, points, kw, peer: str | None = None) -> dict:
+    """One engine in a fresh process: the policy `spec`, or the `peer` (llamacpp)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     from ..cli import load_kwargs
 
-    proc = ctx.Process(target=_child, args=(child, args.model, load_kwargs(args), args.threads, ids, spec, points, kw))
+    if peer:
+        proc = ctx.Process(target=_peer_child, args=(child, peer, args.threads, ids, points, kw))
+    else:
+        proc = ctx.Process(target=_child, args=(child, args.model, load_kwargs(args), args.threads, ids, spec, points, kw))
     proc.start()
     child.close()
     try:
@@ -129,6 +146,8 @@ def run_isolated(args, ids, spec, points, kw) -> dict:
         status, payload = "error", f"benchmark process died (exit code {proc.exitcode}; out of memory?)"
     proc.join()
     if status != "ok":
+        if peer:
+            return {"label": peer, "policy": peer, "params": {}, "points": [], "stopped": payload, "error": payload}
         return {"label": spec.label, "policy": spec.name, "params": spec.resolved_params(), "points": [],
                 "stopped": payload, "error": payload}
     return payload
@@ -176,7 +195,32 @@ def summarise(result: dict) -> dict:
     for label, p in pols.items():
         if p.get("prefill", {}).get("tokens_per_second"):
             s.setdefault("prefill_tokens_per_second", {})[label] = p["prefill"]["tokens_per_second"]
+    peer = [p for p in result["policies"] if p["policy"] in PEERS and p["points"]]
+    if peer:
+        s["vs_peer"] = _vs_peer(result["policies"], peer)
     return s
+
+
+def _vs_peer(entries: list[dict], peer: list[dict]) -> dict:
+    """Per engine and point: the median over rounds of ms/token (of each run's median step), and its ratio to the
+    peer's at the same point; the same for prefill tokens/s."""
+    def med(runs, position, key="ms_per_token_median"):
+        vals = [q[key] for r in runs for q in [_at(r["points"], position)] if q]
+        return statistics.median(vals) if vals else None
+
+    out = {}
+    peer_prefill = statistics.median(p["prefill"]["tokens_per_second"] for p in peer)
+    for label in dict.fromkeys(e["label"] for e in entries if e["points"] and e["policy"] not in PEERS):
+        runs = [e for e in entries if e["label"] == label and e["points"]]
+        rows = []
+        for q in runs[0]["points"]:
+            mine, theirs = med(runs, q["position"]), med(peer, q["position"])
+            rows.append({"position": q["position"], "ms_per_token": mine, "peer_ms_per_token": theirs,
+                         "ratio": mine / theirs if mine and theirs else None})
+        prefill = statistics.median(r["prefill"]["tokens_per_second"] or 0 for r in runs)
+        out[label] = {"rounds": len(runs), "points": rows, "prefill_tokens_per_second": prefill,
+                      "prefill_ratio": prefill / peer_prefill if peer_prefill else None}
+    return out
 
 
 @torch.inference_mode()
@@ -239,31 +283,47 @@ def run(args) -> int:
         raise EvalError("measurement positions must be at least 2")
     if args.text:
         read_text_file(args.text)
+    if args.peer:
+        from .peer import PeerError, check
+
+        try:
+            check(args.peer, args.model)
+        except PeerError as e:
+            raise EvalError(str(e)) from None
+        if args.in_process:
+            raise EvalError("--peer runs every engine in its own process; drop --in-process")
     model, tok = load_model(args)
     n = points[-1] + args.decode_steps * len(points) + 8
     ids = stream_ids(tok, args.text, n)
     result = {**header("bench", args, model), "points": points, "decode_steps": args.decode_steps,
               "text": args.text or "generated filler (passkey filler sentences)", "isolated": not args.in_process,
-              "policies": []}
-    for spec in specs:
-        kw = dict(steps=args.decode_steps, chunk_size=args.chunk_size, progress=not args.quiet)
-        if spec.name == "dense":
-            kw.update(rss_budget=args.dense_rss_budget * 2**30 if args.dense_rss_budget else None,
-                      max_tokens=args.dense_max_tokens or None)
-        if spec.name == "recompute":
-            kw.update(steps=args.recompute_steps, max_tokens=args.recompute_max_tokens or None)
-        pts = [p for p in points if not kw.get("max_tokens") or p <= kw["max_tokens"]] or points[:1]
-        if args.in_process:
-            entry = bench_policy(model, ids, spec, points, **kw)
-        else:
-            entry = run_isolated(args, ids, spec, points, kw)
-        entry["points_requested"] = pts
-        result["policies"].append(entry)
-        result["summary"] = summarise(result)
-        write_json(args.out, result)
-        last = entry["points"][-1] if entry["points"] else None
-        print(f"{spec.label}: " + (f"{last['ms_per_token']:.1f} ms/token at {last['position']}" if last else "no points")
-              + (f" ({entry['stopped']})" if entry.get("stopped") else ""), file=sys.stderr)
+              "rounds": args.rounds, "peer": args.peer, "policies": []}
+    engines = [(spec, None) for spec in specs] + ([(None, args.peer)] if args.peer else [])
+    for r in range(args.rounds):
+        order = engines[r % len(engines):] + engines[: r % len(engines)]  # rotate who goes first
+        for spec, peer in order:
+            kw = dict(steps=args.decode_steps, chunk_size=args.chunk_size, progress=not args.quiet)
+            if spec is not None and spec.name == "dense":
+                kw.update(rss_budget=args.dense_rss_budget * 2**30 if args.dense_rss_budget else None,
+                          max_tokens=args.dense_max_tokens or None)
+            if spec is not None and spec.name == "recompute":
+                kw.update(steps=args.recompute_steps, max_tokens=args.recompute_max_tokens or None)
+            pts = [p for p in points if not kw.get("max_tokens") or p <= kw["max_tokens"]] or points[:1]
+            if peer:
+                entry = run_isolated(args, ids, None, points, kw, peer=peer)
+            elif args.in_process:
+                entry = bench_policy(model, ids, spec, points, **kw)
+            else:
+                entry = run_isolated(args, ids, spec, points, kw)
+            entry["points_requested"] = pts
+            if args.rounds > 1:
+                entry["round"] = r
+            result["policies"].append(entry)
+            result["summary"] = summarise(result)
+            write_json(args.out, result)
+            last = entry["points"][-1] if entry["points"] else None
+            print(f"{entry['label']}: " + (f"{last['ms_per_token']:.1f} ms/token at {last['position']}" if last else "no points")
+                  + (f" ({entry['stopped']})" if entry.get("stopped") else ""), file=sys.stderr)
     result["machine_after"] = {"loadavg": list(os.getloadavg())}
     if args.plot:
         from .plots import plot_bench

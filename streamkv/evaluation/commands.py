@@ -195,6 +195,12 @@ def register(subparsers) -> None:
     p.add_argument("--interleaved", action="store_true",
                    help="load-robust mode: hold one session per (policy, --points position) in one process and "
                         "alternate single-token steps between them (--decode-steps rounds); JSON only")
+    p.add_argument("--peer", choices=["llamacpp"], default=None,
+                   help="also run llama.cpp (llama-cpp-python, the optional extra streamkv[peer]) on the embedded model's "
+                        "GGUF with its context shift, each engine in its own process, and report every policy's "
+                        "ms/token and prefill tokens/s as a ratio to it (summary.vs_peer)")
+    p.add_argument("--rounds", type=_positive, default=1,
+                   help="run every engine this many times, alternating, in a rotated order each round (default 1)")
     p.add_argument("--in-process", action="store_true",
                    help="measure every policy in this process (default: a fresh process per policy, so RSS is its own)")
     p.add_argument("--out", default="bench.json", help="result JSON")

@@ -96,11 +96,16 @@ def plot_bench(result: dict, path) -> Path:
     """Decode latency and RSS against stream position, one line per policy (log x)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for p in result["policies"]:
+    seen: set[str] = set()
+    for i, p in enumerate(result["policies"]):
         pts = p["points"]
         x = [q["position"] for q in pts]
-        axes[0].plot(x, [q["ms_per_token"] for q in pts], marker="o", markersize=3, label=p["label"])
-        axes[1].plot(x, [q["rss_bytes"] / 2**20 for q in pts], marker="o", markersize=3, label=p["label"])
+        label = None if p["label"] in seen else p["label"]  # one legend entry per engine over --rounds
+        seen.add(p["label"])
+        color = f"C{list(dict.fromkeys(e['label'] for e in result['policies'])).index(p['label']) % 10}"
+        axes[0].plot(x, [q["ms_per_token"] for q in pts], marker="o", markersize=3, label=label, color=color)
+        if all("rss_bytes" in q for q in pts):  # the peer's process RSS is not measured
+            axes[1].plot(x, [q["rss_bytes"] / 2**20 for q in pts], marker="o", markersize=3, label=label, color=color)
     for ax, yl in zip(axes, ("decode latency (ms / token)", "process RSS (MiB)")):
         ax.set_xscale("log")
         ax.set_xlabel("stream position (tokens)")
