@@ -88,6 +88,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "server_bench.json"))
+    ap.add_argument("--serve-args", default="", help="more `streamkv serve` options, e.g. \"--quantize int4 --compile\"")
+    ap.add_argument("--no-memory", action="store_true", help="skip the 16-session memory part")
     ap.add_argument("--only-memory", action="store_true",
                     help="skip the latency part; update sessions_open in an existing --out file")
     args = ap.parse_args()
@@ -97,7 +99,7 @@ def main() -> int:
     port = free_port()
     cmd = [sys.executable, "-m", "streamkv.server", "serve", "--port", str(port), "--data-dir", data,
            "--threads", str(args.threads), "--max-input-tokens", "8192", "--max-resident-sessions", str(args.sessions + 4),
-           "--log-level", "warning"]
+           "--log-level", "warning", *args.serve_args.split()]
     log = open(Path(data) / "server.log", "wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -115,7 +117,8 @@ def main() -> int:
         client = OpenAI(base_url=base + "/v1", api_key="none", timeout=3600, max_retries=0)
         rss_idle = http.get("/health").json()["rss_bytes"]
         load_start = os.getloadavg()
-        result = {"model": "SmolLM2-135M-Instruct (embedded), float32", "policy": "sink:sinks=4,window=1020",
+        result = {"model": "SmolLM2-135M-Instruct (embedded)", "policy": "sink:sinks=4,window=1020",
+                  "serve_args": args.serve_args,
                   "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "command": " ".join(["python", "benchmarks/server_bench.py"] + sys.argv[1:]),
                   "rss_bytes_model_loaded": rss_idle, "lengths": {}}
@@ -138,19 +141,20 @@ def main() -> int:
                 "prefill_s_to_reach": round(grown, 1)}
             print(json.dumps({target: result["lengths"][str(target)]}), flush=True)
         # 16 sessions, each with a full cache (>1024 tokens in its stream)
-        sids = [http.post("/v1/sessions", json={}).json()["id"] for _ in range(args.sessions)]
+        sids = [] if args.no_memory else [http.post("/v1/sessions", json={}).json()["id"] for _ in range(args.sessions)]
         for i, s in enumerate(sids):
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": filler(1000, i)}],
                                            max_tokens=1, temperature=0, extra_body={"session_id": s})
-        health = http.get("/health").json()
-        stats = [http.get(f"/v1/sessions/{s}/state").json()["stats"] for s in sids]
-        snaps = [f.stat().st_size for f in (Path(data) / "snapshots").glob("*.pt")]
-        result["sessions_open"] = {
-            "sessions": args.sessions + 1, "resident": health["resident_sessions"],
-            "rss_bytes": health["rss_bytes"], "rss_over_model_bytes": health["rss_bytes"] - rss_idle,
-            "cache_bytes_per_session": stats[0]["cache_bytes"], "tokens_cached_per_session": stats[0]["tokens_cached"],
-            "snapshot_bytes_median": sorted(snaps)[len(snaps) // 2], "snapshot_files": len(snaps)}
-        print(json.dumps(result["sessions_open"]), flush=True)
+        if sids:
+            health = http.get("/health").json()
+            stats = [http.get(f"/v1/sessions/{s}/state").json()["stats"] for s in sids]
+            snaps = [f.stat().st_size for f in (Path(data) / "snapshots").glob("*.pt")]
+            result["sessions_open"] = {
+                "sessions": args.sessions + 1, "resident": health["resident_sessions"],
+                "rss_bytes": health["rss_bytes"], "rss_over_model_bytes": health["rss_bytes"] - rss_idle,
+                "cache_bytes_per_session": stats[0]["cache_bytes"], "tokens_cached_per_session": stats[0]["tokens_cached"],
+                "snapshot_bytes_median": sorted(snaps)[len(snaps) // 2], "snapshot_files": len(snaps)}
+            print(json.dumps(result["sessions_open"]), flush=True)
         result["loadavg_1_5_15" + ("_memory_rerun" if args.only_memory else "")] = {"start": load_start, "end": os.getloadavg(),
                                     "note": "the 2 cores were shared with other jobs; compare lengths within this run"}
         out = Path(args.out)

@@ -103,10 +103,12 @@ def plot_bench(result: dict, path) -> Path:
         label = None if p["label"] in seen else p["label"]  # one legend entry per engine over --rounds
         seen.add(p["label"])
         color = f"C{list(dict.fromkeys(e['label'] for e in result['policies'])).index(p['label']) % 10}"
-        axes[0].plot(x, [q["ms_per_token"] for q in pts], marker="o", markersize=3, label=label, color=color)
+        # the median step: one slow step (a compile, a page fault) moves the mean of a few steps a lot
+        axes[0].plot(x, [q.get("ms_per_token_median", q["ms_per_token"]) for q in pts], marker="o", markersize=3,
+                     label=label, color=color)
         if all("rss_bytes" in q for q in pts):  # the peer's process RSS is not measured
             axes[1].plot(x, [q["rss_bytes"] / 2**20 for q in pts], marker="o", markersize=3, label=label, color=color)
-    for ax, yl in zip(axes, ("decode latency (ms / token)", "process RSS (MiB)")):
+    for ax, yl in zip(axes, ("decode latency (ms / token, median step)", "process RSS (MiB)")):
         ax.set_xscale("log")
         ax.set_xlabel("stream position (tokens)")
         ax.set_ylabel(yl)
