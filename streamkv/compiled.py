@@ -34,7 +34,7 @@ def _forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor) 
 class _Decode:
     """One model's compiled step (dynamo keeps one graph per cache shape; sessions of one shape share it)."""
 
-    def __init__(self, model):
+    def __init__(self):
         import torch._dynamo
 
         # one graph per cache shape and model; the default limit (8) would silently fall back to eager
@@ -59,7 +59,7 @@ class _Decode:
 def enable(model) -> None:
     """Compile `model`'s one-token steps (on first use) for every session on it."""
     if model not in _STEPS:
-        _STEPS[model] = _Decode(model)
+        _STEPS[model] = _Decode()
 
 
 def disable(model) -> None:

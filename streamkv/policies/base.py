@@ -111,6 +111,7 @@ class _Plan:
     window_start: int = 0  # position of the oldest kept unpinned token (the gap ends right before it)
     p0: int = 0  # position of the step's first new token
     key_pos: torch.Tensor | None = None  # position of every key attended this step, in the returned order
+    local_masks: dict = field(default_factory=dict)  # local window -> its mask this step [1, 1, q, k]
     gap: int = 0  # positions reserved between the pinned tokens and the window
     _cs: dict = field(default_factory=dict)  # (id(rope), which) -> (cos, sin), computed once per step
 
@@ -272,7 +273,8 @@ class StreamingCache(Cache):
         # attention layer's, enough for models whose layers all rotate alike: per-layer code uses rope_for_layer
         self.ropes = rope_layers(model)
         self.rope = next(spec for spec in self.ropes if spec is not None)
-        custom = hasattr(self, "attend") or self.observe or self.keeps_evicted or self.reserved
+        # a policy that attends, observes, keeps evicted tokens or reserves a gap: more than the shared slot table
+        custom = self._custom = bool(hasattr(self, "attend") or self.observe or self.keeps_evicted or self.reserved)
         if custom and any(spec is not None and spec.slot != "keys" for spec in self.ropes):
             raise UnsupportedModelError(
                 f"policy {self.name!r} rotates and attends cached keys itself, but this model caches a multi-head "
@@ -435,7 +437,7 @@ class StreamingCache(Cache):
         """A local layer's attention: the model's own SDPA over the returned keys, each query seeing the keys
         whose place is less than the layer's window behind it (and not ahead of it)."""
         plan, w = self._plan, self.local_windows[layer_idx]
-        masks = plan.__dict__.setdefault("local_masks", {})
+        masks = plan.local_masks
         if w not in masks:
             q_pos = torch.arange(plan.p0, plan.p0 + query.shape[2])  # [q]
             dist = q_pos[:, None] - plan.key_pos[None, :]  # [q, k]: places between each query and each key
@@ -476,8 +478,7 @@ class StreamingCache(Cache):
         """Whether this policy's decode steps can take the fixed-shape path: the slot table alone (sink,
         window). Policies that attend themselves, observe, keep evicted tokens or reserve a gap run Python
         per step (block choice, scores) and stay eager; so do hybrids (their recurrent layers)."""
-        return (self.budget is not None and not hasattr(self, "attend") and not self.observe and not self.local_windows
-                and not self.keeps_evicted and not self.reserved and not self._recurrent_protos)
+        return self.budget is not None and not self._custom and not self.local_windows and not self._recurrent_protos
 
     def prepare_decode(self) -> bool:
         """Make the plan of the next one-token step now, outside the model's forward. True when it is a
