@@ -289,7 +289,7 @@ def classify(model_type: str) -> dict:
     except Exception as e:  # noqa: BLE001 - any failure to build a tiny model is recorded, not raised
         row.update(verdict="SKIPPED", reason=f"no tiny model: {_first_line(e)}")
         return _done(row, t0)
-    err = _compare(model, ids, row, t0)
+    err = _compare(model, ids, row)
     if err is None:
         return _done(row, t0)
     row["err"] = err
@@ -300,7 +300,7 @@ def classify(model_type: str) -> dict:
             row["beyond"] = f"SKIPPED: no tiny model with sliding_window={LOCAL_WINDOW}: {_first_line(e)}"
             return _done(row, t0)
         sub = {"verdict": "", "reason": ""}
-        err = _compare(narrow, ids, sub, t0)
+        err = _compare(narrow, ids, sub)
         row["beyond"] = f"{sub['verdict']}: {sub['reason']}" if err is None else "EXACT"
         if sub["verdict"] in ("CRASH", "WRONG"):
             row.update(verdict=sub["verdict"], reason=f"beyond its sliding window ({LOCAL_WINDOW}): {sub['reason']}")
@@ -315,7 +315,7 @@ def _local_layers(model) -> list[int]:
     return [i for i, w in enumerate(_layer_windows(model, text_config(model.config))) if w is not None]
 
 
-def _compare(model, ids, row: dict, t0: float) -> float | None:
+def _compare(model, ids, row: dict) -> float | None:
     """streamkv against the reference, both chunkings: the largest error, or None with row's verdict set
     (REFUSED / CRASH / WRONG)."""
     from streamkv.rope import UnsupportedModelError
