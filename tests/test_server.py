@@ -335,3 +335,29 @@ def test_stream_keepalive_comments_during_a_long_prefill(tiny_model, tmp_path): 
         assert streamed == client.chat.completions.create(**body).choices[0].message.content
     finally:
         srv.stop()
+
+
+def test_only_the_compute_workers_run_multithreaded_kernels():
+    """libgomp keeps one OpenMP team per thread that starts a parallel region; once the process holds more
+    OpenMP threads than cores, every small kernel waits on a futex (on 2 cores the server decoded at half the
+    library's speed). So the compute workers split --threads between them, I/O threads get one, and the
+    model is loaded on a compute worker (app.pools)."""
+    import torch
+
+    from streamkv.server.app import pools
+    from streamkv.server.config import ServerConfig
+
+    before = torch.get_num_threads()
+    try:
+        for workers, threads, per_worker in ((1, 2, 2), (2, 2, 1), (2, 6, 3), (3, 2, 1)):
+            compute, io = pools(ServerConfig(workers=workers, threads=threads))
+            try:
+                seen = {compute.submit(torch.get_num_threads).result() for _ in range(2 * workers)}
+                assert seen == {per_worker}, (workers, threads, seen)
+                assert io.submit(torch.get_num_threads).result() == 1
+            finally:
+                compute.shutdown()
+                io.shutdown()
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before

@@ -70,7 +70,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", default=None, help="model id clients send and /v1/models lists "
                    "(default: 'embedded', or the folder name of --model)")
     add_load_args(g)  # --dtype, --quantize, --device: defined once, in cli.py
-    g.add_argument("--threads", type=_positive, default=D.threads, help="torch intra-op threads")
+    g.add_argument("--threads", type=_positive, default=D.threads, help="torch threads for forwards (split between --workers; other server threads use one)")
     g.add_argument("--workers", type=_positive, default=D.workers,
                    help="generation worker threads; sessions interleave token by token on them")
     g.add_argument("--policy", default=D.policy,
@@ -197,7 +197,7 @@ def serve(args) -> int:
     import uvicorn
 
     from ..models import UnsupportedModelError
-    from .app import Guard, create_app
+    from .app import Guard, compute_threads, create_app
     from .errors import BadRequest
     from .sessions import parse_policy
     from .store import StoreError
@@ -208,6 +208,9 @@ def serve(args) -> int:
         print(f"error: --policy: {e.message}", file=sys.stderr)
         return 2
     Path(cfg.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    import torch
+
+    torch.set_num_threads(compute_threads(cfg.workers, cfg.threads)[1])  # forwards run on the compute pool (app.pools)
     log.info("loading model", extra={"model": cfg.model or "embedded"})
     try:
         app = create_app(cfg)
