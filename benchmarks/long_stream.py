@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from streamkv.evaluation.common import cpu_model  # noqa: E402
 
 CHECKPOINTS = (8192, 16384, 32768, 65536, 131072, 196608, 262144)
 
@@ -43,18 +44,8 @@ def _proc_kib(field: str) -> int:
 
 
 def _cpu() -> dict:
-    info = {"machine": platform.machine(), "cores": os.cpu_count()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name") and "model" not in info:
-                info["model"] = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and "flags" not in info:
-                flags = line.split(":", 1)[1].split()
-                info["flags"] = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))]
-    except OSError:
-        pass
-    return info
+    model, flags = cpu_model()
+    return {"machine": platform.machine(), "cores": os.cpu_count(), "model": model, "flags": flags}
 
 
 def _dir_bytes(path: Path) -> int:

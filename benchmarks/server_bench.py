@@ -26,6 +26,8 @@ import httpx
 from openai import OpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from streamkv.evaluation.common import cpu_model  # noqa: E402
 MODEL = "embedded"
 FILLER = (
     "The river wound through the valley past old mills and quiet farms, and the travellers spoke of harvests, "
@@ -119,7 +121,7 @@ def main() -> int:
         load_start = os.getloadavg()
         result = {"model": "SmolLM2-135M-Instruct (embedded)", "policy": "sink:sinks=4,window=1020",
                   "serve_args": args.serve_args,
-                  "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                  "threads": args.threads, "cpu": cpu_model()[0], "cpu_flags": cpu_model()[1], "cores": os.cpu_count(),
                   "command": " ".join(["python", "benchmarks/server_bench.py"] + sys.argv[1:]),
                   "rss_bytes_model_loaded": rss_idle, "lengths": {}}
         sid = http.post("/v1/sessions", json={}).json()["id"]

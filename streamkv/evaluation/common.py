@@ -90,19 +90,27 @@ def load_model(args):
         raise EvalError(f"cannot load model: {e}") from None
 
 
-def machine_info(threads: int | None = None) -> dict:
-    cpu = platform.processor() or ""
+def cpu_model() -> tuple[str, list[str]]:
+    """The CPU's model name and its vector-extension flags (avx*, amx*, fma, f16c): what every figure records."""
+    cpu, flags = "", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not cpu:
                 cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("flags") and not flags:
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "f16c"))]
     except OSError:
         pass
+    return cpu or platform.processor() or platform.machine(), flags
+
+
+def machine_info(threads: int | None = None) -> dict:
+    cpu, flags = cpu_model()
     import transformers
 
     info = {
         "cpu": cpu,
+        "cpu_flags": flags,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "requested_threads": threads,
