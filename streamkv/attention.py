@@ -12,43 +12,83 @@ on to the attention function a few lines later; the function checks the *identit
 and calls the policy. Anything else (another cache, no cache, a policy without a hook) falls through to
 PyTorch's SDPA, the model's default on CPU, with transformers' own SDPA masks (registered for "streamkv"
 too), so a model switched to "streamkv" computes exactly what it did before for every other use.
+
+Models whose attention SDPA cannot express (Gemma 2's logit soft-capping, gpt-oss's learned sinks) attend
+with their module's own `eager_attention_forward`; they are switched to "streamkv_eager" instead, whose
+fall-through is that same function with transformers' eager (additive) masks, and whose hooks receive the
+attention's keyword arguments (softcap, ...) to pass on to it.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Callable
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 NAME = "streamkv"
+NAME_EAGER = "streamkv_eager"  # for models that attend with their own eager function (see the module docstring)
+NAMES = (NAME, NAME_EAGER)
 _slot = threading.local()
 
 
 def set_hook(key: torch.Tensor, callback: Callable) -> None:
     """Called by a cache's `update()`: the next attention over `key` is computed by `callback(module, query,
-    key, value, scaling)`, which returns attn_output [batch, q, heads, head_dim]."""
+    key, value, scaling, **kwargs)` (kwargs: the rest of the attention's keyword arguments, e.g. softcap),
+    which returns attn_output [batch, q, heads, head_dim]."""
     _slot.hook = (key, callback)
 
 
-def streamkv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+def _take_hook(key: torch.Tensor):
     hook = getattr(_slot, "hook", None)
     if hook is not None and hook[0] is key:
         _slot.hook = None
-        return hook[1](module, query, key, value, scaling), None
+        return hook[1]
+    return None
+
+
+def streamkv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    hook = _take_hook(key)
+    if hook is not None:
+        return hook(module, query, key, value, scaling, dropout=dropout, **kwargs), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def module_eager_attention(module) -> Callable:
+    """The `eager_attention_forward` of the modeling file `module` comes from (soft-capping, sinks and all)."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__module__} has no eager_attention_forward to fall back to")
+    return fn
+
+
+def streamkv_eager_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    hook = _take_hook(key)
+    if hook is not None:
+        return hook(module, query, key, value, scaling, dropout=dropout, **kwargs), None
+    return module_eager_attention(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 AttentionInterface.register(NAME, streamkv_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)
+AttentionInterface.register(NAME_EAGER, streamkv_eager_attention)
+AttentionMaskInterface.register(NAME_EAGER, eager_mask)
+
+
+def attends_eagerly(model) -> bool:
+    """Whether the model attends with its own eager function (not SDPA, possibly through streamkv)."""
+    return getattr(model.config, "_attn_implementation", None) in ("eager", NAME_EAGER)
 
 
 def use_streamkv_attention(model) -> None:
-    """Route the model's attention through `streamkv_attention` (idempotent)."""
-    if getattr(model.config, "_attn_implementation", None) != NAME:
-        model.set_attn_implementation(NAME)
+    """Route the model's attention through streamkv's function (idempotent): "streamkv" over SDPA, or
+    "streamkv_eager" for a model that attends with its own eager function."""
+    name = NAME_EAGER if attends_eagerly(model) else NAME
+    if getattr(model.config, "_attn_implementation", None) != name:
+        model.set_attn_implementation(name)
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # fused; also returns the log-sum-exp

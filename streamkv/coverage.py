@@ -398,6 +398,23 @@ def read_table(path) -> list[dict]:
     return rows
 
 
+def read_beyond(path) -> dict[str, str]:
+    """The local/global section of a table written by `write_markdown`: model_type -> its verdict beyond the
+    sliding window (EXACT, or the first word of REFUSED/SKIPPED)."""
+    out, inside = {}, False
+    try:
+        lines = open(path).read().splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        if line.startswith("## "):
+            inside = line.startswith("## Local/global models")
+        elif inside and line.startswith("| `"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            out[cells[0].strip("`")] = cells[1].strip("*").split(":")[0]
+    return out
+
+
 # refusal reasons, grouped for the summary (the first phrase that occurs in a reason names its group)
 _REASON_GROUPS = [
     ("is a hybrid whose", "hybrid: keys/values and a recurrent state in one cache layer"),
@@ -434,11 +451,13 @@ NOTES = [
     "Local/global models (Gemma 2/3/4, gpt-oss, Granite SWA, MiMo-V2-Flash, ModernBERT-decoder, Mistral, ...): "
     f"the table's verdict is for a budget inside their sliding window (32 here). Each is also streamed with a "
     f"window of {LOCAL_WINDOW}, narrower than the budget: `sink` and `window` then mask the local layers by "
-    "place (each query sees the keys less than the window behind it, through SDPA), while the global layers "
-    "keep sinks + window; the section below gives that verdict. Local layers still hold the whole budget in "
-    "their buffers (masked, not dropped): per-layer buffer sizes are not built. Models that attend with "
-    "'eager' (logit soft-capping: Gemma 2; learned sinks: gpt-oss) are refused beyond the window, and "
-    "`memory`, `h2o`, `sirllm` and `duo` refuse a budget beyond a local window.",
+    "place (each query sees the keys less than the window behind it, through the model's own attention: "
+    "SDPA, or its eager function with its soft-capping or learned sinks, Gemma 2 and gpt-oss), while the "
+    "global layers keep sinks + window; the section below gives that verdict. Local layers still hold the "
+    "whole budget in their buffers (masked, not dropped): per-layer buffer sizes are not built. `memory`, "
+    "`h2o`, `sirllm` and `duo` refuse a budget beyond a local window, and models that attend with their own "
+    "eager function at any budget (they compute attention as SDPA does, which would drop the soft-capping "
+    "or sinks).",
     "Latent multi-head attention (DeepSeek V2/V3, MiniCPM3, GLM-4 MoE Lite, LongCat, Youtu, AXK1) caches the "
     "position-free latent as keys and the rotated rope key as values; `sink`, `window` and `dense` rotate the "
     "value slot. `memory`, `h2o`, `sirllm` and `duo` rotate and attend cached keys themselves and refuse these "

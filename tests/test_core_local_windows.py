@@ -1,4 +1,6 @@
-"""Local (sliding-window) layers with a budget wider than their window: `sink`/`window` mask them by place.
+"""Local (sliding-window) layers with a budget wider than their window: `sink`/`window` mask them by place,
+through the model's own attention: SDPA, or its eager function where SDPA cannot express it (Gemma 2's
+logit soft-capping, gpt-oss's learned sinks).
 
 References: with a budget larger than the stream, the model's own forward over the whole stream (dense,
 its own sliding masks); with evictions and position restarts, the independent multi-layer StreamingLLM
@@ -35,7 +37,20 @@ def mistral(layers=2):  # every layer local
     return _scaled(MistralForCausalLM(MistralConfig(num_hidden_layers=layers, num_key_value_heads=2, sliding_window=W, **COMMON)))
 
 
-MODELS = {"gemma3": gemma3, "mistral": mistral}
+def gemma2(layers=2):  # eager attention: logit soft-capping (a cap this low changes every score)
+    return coverage.tiny_model("gemma2", sliding_window=W, attn_logit_softcapping=0.5)
+
+
+def gpt_oss(layers=2):  # eager attention: a learned sink logit per head
+    model = coverage.tiny_model("gpt_oss", sliding_window=W)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2.0)  # zeros at init: make the sinks matter
+    return model
+
+
+MODELS = {"gemma3": gemma3, "mistral": mistral, "gemma2": gemma2, "gpt_oss": gpt_oss}
+EAGER = ("gemma2", "gpt_oss")
 
 
 def _ids(n, seed=0):
@@ -51,6 +66,7 @@ def test_budget_beyond_the_stream_equals_dense(arch, chunk):
         dense = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits[0]
     session = StreamSession(model, None, "sink", sinks=4, window=100, chunk_size=chunk)
     assert session.policy.local_windows  # the budget (104) is wider than the local window (8): masked
+    assert session.policy._eager_attention == (arch in EAGER)
     got = session.feed(ids[0], all_logits=True)
     torch.testing.assert_close(got, dense, atol=1e-4, rtol=0)
 
@@ -78,7 +94,7 @@ def test_the_mask_is_by_place():
         for t in range(40):
             model(input_ids=ids[:, t : t + 1], position_ids=cache.position_ids(1), past_key_values=cache, use_cache=True)
             plan = cache._plan
-            mask = plan.local_masks[W][0, 0, 0]  # [keys]
+            mask = plan.local_masks[W, False][0, 0, 0]  # [keys]
             dist = plan.p0 - plan.key_pos
             assert torch.equal(mask, (dist >= 0) & (dist < W))
             assert int(mask.sum()) == min(t + 1, W)
@@ -93,4 +109,33 @@ def test_memory_scored_and_duo_refuse_beyond_a_local_window():
     for name, kw in (("memory", {"sinks": 4, "window": 16}), ("h2o", {"sinks": 4, "window": 16, "heavy": 4}),
                      ("sirllm", {"sinks": 4, "window": 16, "heavy": 4})):
         with pytest.raises(Exception, match="does not mask local layers yet"):
+            make_policy(name, model, **kw)
+
+
+def test_the_eager_functions_arguments_reach_local_layers():
+    """Soft-capping is an argument of Gemma 2's eager attention: a local layer masked by streamkv must get it
+    (without it the logits move by far more than the tolerance), and so must the global layers' fall-through."""
+    model = gemma2()
+    ids = _ids(40, seed=3)
+    with torch.inference_mode():
+        dense = model(input_ids=ids).logits[0]
+        attn = [layer.self_attn for layer in model.model.layers]
+        for a in attn:
+            a.attn_logit_softcapping = None
+        uncapped = model(input_ids=ids).logits[0]
+        for a in attn:
+            a.attn_logit_softcapping = 0.5
+    assert (dense - uncapped).abs().max() > 1e-3  # the cap matters on this model (10x the tolerance below)
+    got = StreamSession(model, None, "sink", sinks=4, window=100, chunk_size=5).feed(ids[0], all_logits=True)
+    torch.testing.assert_close(got, dense, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", EAGER)
+def test_policies_that_attend_themselves_refuse_eager_attention(arch):
+    """memory, h2o, sirllm and duo compute attention as SDPA does: on a model whose own attention soft-caps
+    or has learned sinks that would be silently wrong, even inside the window, so they refuse."""
+    model = MODELS[arch]()
+    for name, kw in (("memory", {"sinks": 4, "window": 4, "block": 2, "topk": 1}),
+                     ("h2o", {"sinks": 1, "window": 2, "heavy": 2}), ("sirllm", {"sinks": 1, "window": 2, "heavy": 2})):
+        with pytest.raises(Exception, match="attends with its own eager function"):
             make_policy(name, model, **kw)

@@ -54,6 +54,17 @@ def test_every_type_exact_in_the_committed_table_still_is(rows):
     assert not lost, "types docs/models.md records EXACT no longer are:\n" + "\n".join(f"  {t}: {w}" for t, w in lost.items())
 
 
+def test_every_type_exact_beyond_its_window_in_the_committed_table_still_is(rows):
+    """Local/global types: the verdict with a sliding window narrower than the budget (local layers masked by
+    place, through SDPA or the model's own eager attention)."""
+    committed = coverage.read_beyond(TABLE)
+    assert committed, f"{TABLE} has no local/global section: regenerate it (python -m streamkv.coverage --write docs/models.md)"
+    lost = {t: rows[t].get("beyond", "") for t, v in committed.items()
+            if v == "EXACT" and t in rows and not rows[t].get("beyond", "").startswith("EXACT")}
+    assert not lost, "types docs/models.md records EXACT beyond their window no longer are:\n" + "\n".join(
+        f"  {t}: {w[:300]}" for t, w in lost.items())
+
+
 # families issue 11 names: each EXACT, or refused for the reason that is true of it
 MUST_STREAM = ["llama", "mistral", "qwen2", "phi3", "gpt_neox", "gemma2", "gemma3", "gemma3_text", "gemma4_text", "olmo3",
                "mellum", "laguna", "mimo_v2_flash", "modernbert-decoder", "smollm3", "exaone4", "llama4_text", "glm",

@@ -42,7 +42,9 @@ Because RoPE is relative, a key only needs re-rotation when its *distance* to th
 * Local (sliding-window) layers whose window is narrower than the budget (Gemma 2/3/4, Mistral, gpt-oss,
   OLMo 3, ...) attend through `_local_attention`: the same buffers, each query masked to the keys less than
   the window behind it *by place* (`plan.key_pos`), which is what the model's own mask does over a cache
-  laid out in stream order. The global layers keep sinks + window as usual. Masked, not dropped: local
+  laid out in stream order. The masked attention is the model's own: SDPA, or, for models that attend
+  with their eager function (Gemma 2's soft-capping, gpt-oss's learned sinks), that function with the
+  attention's own arguments (attention.py, "streamkv_eager"). The global layers keep sinks + window as usual. Masked, not dropped: local
   layers still hold the whole budget (per-layer buffer sizes are not built).
 
 Writing a policy
@@ -86,7 +88,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..attention import NAME, set_hook, use_streamkv_attention
+from ..attention import NAMES, attends_eagerly, module_eager_attention, set_hook, use_streamkv_attention
 from ..rope import RopeSpec, UnsupportedModelError, rope_layers, text_config
 
 
@@ -111,7 +113,7 @@ class _Plan:
     window_start: int = 0  # position of the oldest kept unpinned token (the gap ends right before it)
     p0: int = 0  # position of the step's first new token
     key_pos: torch.Tensor | None = None  # position of every key attended this step, in the returned order
-    local_masks: dict = field(default_factory=dict)  # local window -> its mask this step [1, 1, q, k]
+    local_masks: dict = field(default_factory=dict)  # (local window, eager) -> its mask this step [1, 1, q, k]
     gap: int = 0  # positions reserved between the pinned tokens and the window
     _cs: dict = field(default_factory=dict)  # (id(rope), which) -> (cos, sin), computed once per step
 
@@ -300,12 +302,19 @@ class StreamingCache(Cache):
         if budget is not None:
             self.local_windows = {i: w for i, w in enumerate(_layer_windows(model, config)) if w is not None and budget + 1 > w}
         impl = getattr(model.config, "_attn_implementation", None)
-        if self.local_windows and impl not in ("sdpa", NAME):
+        if self.local_windows and impl not in ("sdpa", "eager", *NAMES):
             w = min(self.local_windows.values())
             raise UnsupportedModelError(
                 f"layers {sorted(self.local_windows)[:5]} of this model attend within a sliding window of {w} tokens and "
-                f"this cache keeps {budget + 1}: streamkv masks such layers through SDPA, but this model attends with "
-                f"{impl!r} (e.g. attention logit soft-capping, which SDPA lacks); choose a budget below {w}."
+                f"this cache keeps {budget + 1}: streamkv masks such layers through SDPA or the model's eager attention, "
+                f"but this model attends with {impl!r}; load it with attn_implementation='sdpa' or 'eager', or choose a "
+                f"budget below {w}."
+            )
+        if hasattr(self, "attend") and attends_eagerly(model):
+            raise UnsupportedModelError(
+                f"policy {self.name!r} computes attention itself, as SDPA does, but this model attends with its own eager "
+                "function (e.g. attention logit soft-capping in Gemma 2, learned attention sinks in gpt-oss), which that "
+                "would silently drop; use sink or window for it (they attend through the model's own function)."
             )
         if self.local_windows and custom:
             w = min(self.local_windows.values())
@@ -339,6 +348,7 @@ class StreamingCache(Cache):
         self._static: _StaticStep | None = None  # set for one fixed-shape decode step (`prepare_decode`)
         self._n_kept_before: int | None = None  # what n_kept was before a plan `prepare_decode` made in advance
         self._first_layer: int | None = None
+        self._eager_attention = attends_eagerly(model)  # local layers attend through the model's eager function
         if hasattr(self, "attend") or self.local_windows:
             use_streamkv_attention(model)
         self._attended: set[int] = set()  # layers whose attention went through `attend` this step
@@ -428,21 +438,28 @@ class StreamingCache(Cache):
             self.layers.append(StreamingLayer(self.observe))
         keys, values = self.layers[layer_idx].apply(key_states, value_states, self._plan, self.ropes[layer_idx], self.sinks)
         if hasattr(self, "attend"):
-            set_hook(keys, lambda module, query, k, v, scaling: self._attend_layer(layer_idx, module, query, k, v, scaling))
+            set_hook(keys, lambda module, query, k, v, scaling, **_: self._attend_layer(layer_idx, module, query, k, v, scaling))
         elif layer_idx in self.local_windows:
-            set_hook(keys, lambda module, query, k, v, scaling: self._local_attention(layer_idx, module, query, k, v, scaling))
+            set_hook(keys, lambda module, query, k, v, scaling, **kw: self._local_attention(layer_idx, module, query, k, v, scaling, kw))
         return keys, values
 
-    def _local_attention(self, layer_idx, module, query, keys, values, scaling):
-        """A local layer's attention: the model's own SDPA over the returned keys, each query seeing the keys
-        whose place is less than the layer's window behind it (and not ahead of it)."""
+    def _local_attention(self, layer_idx, module, query, keys, values, scaling, kwargs):
+        """A local layer's attention: the model's own attention (SDPA, or its eager function with soft-capping,
+        learned sinks, ... passed on in `kwargs`) over the returned keys, each query seeing the keys whose
+        place is less than the layer's window behind it (and not ahead of it)."""
         plan, w = self._plan, self.local_windows[layer_idx]
-        masks = plan.local_masks
-        if w not in masks:
+        masks, eager = plan.local_masks, self._eager_attention
+        if (w, eager) not in masks:
             q_pos = torch.arange(plan.p0, plan.p0 + query.shape[2])  # [q]
             dist = q_pos[:, None] - plan.key_pos[None, :]  # [q, k]: places between each query and each key
-            masks[w] = ((dist >= 0) & (dist < w))[None, None].to(query.device)  # [1, 1, q, k]
-        out, _ = sdpa_attention_forward(module, query, keys, values, masks[w], scaling=scaling)
+            seen = ((dist >= 0) & (dist < w))[None, None].to(query.device)  # [1, 1, q, k]
+            # eager functions add their mask to the scores: 0 where seen, the dtype's minimum elsewhere
+            masks[w, eager] = torch.zeros(seen.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                ~seen, torch.finfo(query.dtype).min) if eager else seen
+        if eager:
+            out, _ = module_eager_attention(module)(module, query, keys, values, masks[w, eager], scaling=scaling, **kwargs)
+        else:
+            out, _ = sdpa_attention_forward(module, query, keys, values, masks[w, eager], scaling=scaling, **kwargs)
         return out
 
     def _attend_layer(self, layer_idx, module, query, keys, values, scaling):
