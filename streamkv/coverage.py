@@ -453,8 +453,9 @@ NOTES = [
     f"window of {LOCAL_WINDOW}, narrower than the budget: `sink` and `window` then mask the local layers by "
     "place (each query sees the keys less than the window behind it, through the model's own attention: "
     "SDPA, or its eager function with its soft-capping or learned sinks, Gemma 2 and gpt-oss), while the "
-    "global layers keep sinks + window; the section below gives that verdict. Local layers still hold the "
-    "whole budget in their buffers (masked, not dropped): per-layer buffer sizes are not built. `memory`, "
+    "global layers keep sinks + window; the section below gives that verdict. A local layer keeps only its "
+    "window (the last W-1 tokens, in buffers of its own) when the policy's window covers it, as here (6 >= "
+    "4); with a narrower policy window it is masked over the shared buffers. `memory`, "
     "`h2o`, `sirllm` and `duo` refuse a budget beyond a local window, and models that attend with their own "
     "eager function at any budget (they compute attention as SDPA does, which would drop the soft-capping "
     "or sinks).",

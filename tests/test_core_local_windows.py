@@ -85,23 +85,67 @@ def test_evictions_and_restarts_equal_the_reference(arch, sinks, window):
 
 
 def test_the_mask_is_by_place():
-    """At a decode step the local layer's mask admits exactly the keys whose place is less than W behind the
-    new token: the last W-1 window tokens and itself; sinks (placed right before the window) only when within W."""
+    """Shared buffers (a policy window narrower than W-1, so a local layer may see sinks): at a decode step the
+    local layer's mask admits exactly the keys whose place is less than W behind the new token."""
     model = mistral(layers=1)
-    cache = make_policy("sink", model, sinks=2, window=20)
+    cache = make_policy("sink", model, sinks=2, window=6)
+    assert cache.local_windows == {0: W} and not cache.local_own
     ids = _ids(40, seed=2)
     with torch.inference_mode():
         for t in range(40):
             model(input_ids=ids[:, t : t + 1], position_ids=cache.position_ids(1), past_key_values=cache, use_cache=True)
             plan = cache._plan
-            mask = plan.local_masks[W, False][0, 0, 0]  # [keys]
+            mask = plan.local_masks[W, False, False][0, 0, 0]  # [keys]
             dist = plan.p0 - plan.key_pos
             assert torch.equal(mask, (dist >= 0) & (dist < W))
             assert int(mask.sum()) == min(t + 1, W)
-            # the keys it admits are the most recent tokens of the stream, never a sink once the window is full
-            seq = cache.seq[: plan.n_view] if t < 22 else None
-            if seq is not None:
-                assert sorted(seq[mask].tolist()) == list(range(max(0, t + 1 - W), t + 1))
+            # once the cache is full the W places hold the 2 sinks (right before the window) and 6 window tokens
+            if t >= 8:
+                assert sorted(plan.key_pos[mask].tolist()) == list(range(plan.p0 - W + 1, plan.p0 + 1))
+                assert int(mask.numel()) == 9
+
+
+def test_local_layers_keep_only_their_window():
+    """A policy window that covers the local window (>= W-1): each local layer keeps exactly the last W-1 tokens
+    in W slots of its own (global layers keep the budget), at the places the shared table gives them."""
+    model = gemma3(layers=4)
+    cache = make_policy("sink", model, sinks=4, window=40)
+    assert cache.local_own == {0: W, 2: W}
+    ids = _ids(120, seed=4)
+    with torch.inference_mode():
+        for t in range(120):
+            model(input_ids=ids[:, t : t + 1], position_ids=cache.position_ids(1), past_key_values=cache, use_cache=True)
+            for i in (0, 2):
+                layer = cache.layers[i]
+                held = layer.lseq[: layer.n_used]
+                held = held[held >= 0].sort().values
+                assert held.tolist() == list(range(max(0, t + 2 - W), t + 1))  # the last W-1 after this step
+                assert layer.keys.shape[2] == W
+            # their positions: the last places of the shared table (window tokens keep theirs)
+            kept = cache.seq[: cache.n_used] >= 0
+            last = dict(zip(cache.seq[: cache.n_used][kept].tolist(), cache.pos[: cache.n_used][kept].tolist()))
+            layer = cache.layers[0]
+            for s_, p_ in zip(layer.lseq[: layer.n_used].tolist(), layer.lpos[: layer.n_used].tolist()):
+                if s_ >= 0:
+                    assert last[s_] == p_
+    g = cache.layers[1]
+    pins = g.pin_keys.numel() * g.pin_keys.element_size()
+    assert cache.layers[0].nbytes() * 45 == (g.nbytes() - pins) * W  # W slots against budget + 1 = 45
+
+
+@pytest.mark.parametrize("chunk", [1, 6])
+def test_a_snapshot_of_local_layers_continues_identically(chunk):
+    model = gemma3(layers=4)
+    ids = _ids(150, seed=5)
+    a = StreamSession(model, None, "sink", sinks=4, window=40, chunk_size=chunk)
+    a.feed(ids[0, :97])
+    state = a.policy.state_dict()
+    assert set(state["local"]) == {0, 2}
+    b = StreamSession(model, None, "sink", sinks=4, window=40, chunk_size=chunk)
+    b.policy.load_state_dict(state)
+    b.logits = a.logits
+    for t in range(97, 150):
+        assert torch.equal(a.feed(ids[0, t : t + 1]), b.feed(ids[0, t : t + 1]))
 
 
 def test_memory_scored_and_duo_refuse_beyond_a_local_window():

@@ -44,8 +44,11 @@ Because RoPE is relative, a key only needs re-rotation when its *distance* to th
   the window behind it *by place* (`plan.key_pos`), which is what the model's own mask does over a cache
   laid out in stream order. The masked attention is the model's own: SDPA, or, for models that attend
   with their eager function (Gemma 2's soft-capping, gpt-oss's learned sinks), that function with the
-  attention's own arguments (attention.py, "streamkv_eager"). The global layers keep sinks + window as usual. Masked, not dropped: local
-  layers still hold the whole budget (per-layer buffer sizes are not built).
+  attention's own arguments (attention.py, "streamkv_eager"). The global layers keep sinks + window as usual.
+  Per-layer buffer sizes: when the policy's recent tokens cover a local window (window >= W-1), what that
+  layer can see is exactly the last W-1 tokens, so it keeps only those, in its own `LocalLayer` buffers of W
+  slots, instead of the whole budget (Gemma 3 1B at a 4,096-token budget: 22 of its 26 layers hold 512
+  tokens). A narrower policy window (the layer may then see sinks) keeps the shared buffers, masked.
 
 Writing a policy
 ----------------
@@ -112,8 +115,9 @@ class _Plan:
     evict_pos: torch.Tensor | None = None  # ... and the positions their keys are rotated at
     window_start: int = 0  # position of the oldest kept unpinned token (the gap ends right before it)
     p0: int = 0  # position of the step's first new token
+    seq0: int = 0  # ... and its index in the stream
     key_pos: torch.Tensor | None = None  # position of every key attended this step, in the returned order
-    local_masks: dict = field(default_factory=dict)  # (local window, eager) -> its mask this step [1, 1, q, k]
+    local_masks: dict = field(default_factory=dict)  # (local window, eager, own buffers) -> its mask this step [1, 1, q, k]
     gap: int = 0  # positions reserved between the pinned tokens and the window
     _cs: dict = field(default_factory=dict)  # (id(rope), which) -> (cos, sin), computed once per step
 
@@ -253,6 +257,83 @@ class StreamingLayer(CacheLayerMixin):
             return 0
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pin_keys))
 
+    def used_bytes(self, n_used: int) -> int:
+        """Bytes of the filled slots [0, n_used) and the pristine pinned copies."""
+        return sum(t[:, :, :n_used].numel() * t.element_size() for t in (self.keys, self.values)) \
+            + self.pin_keys.numel() * self.pin_keys.element_size()
+
+
+
+class LocalLayer(StreamingLayer):
+    """A local (sliding-window) layer's own buffers: the last W-1 tokens of the stream, in [B, H, W, D] (W-1
+    held + the new token), instead of the whole budget. Used when the policy's recent tokens cover the window
+    (sink/window with window >= W-1): then what such a layer can see, by place, is exactly the last W-1 tokens,
+    laid out right before the new one as in the shared table, so its positions follow from p0 alone.
+
+    Decoding writes the new token into the slot its oldest token left (every held token is inside the window:
+    no mask); a chunk gathers the held tokens in stream order, appends the chunk (masked by place) and keeps
+    the last W-1. A position restart re-rotates the held keys by the shift, as the shared table does."""
+
+    def __init__(self, window: int):
+        super().__init__(observe=False)
+        self.window = window
+        self.lseq = torch.full((window,), -1, dtype=torch.long)  # per slot: stream index (-1 = free)
+        self.lpos = torch.zeros(window, dtype=torch.long)  # per slot: position its key is rotated at
+        self.n_used = 0  # slots [0, n_used) in use (at most one hole)
+        self.key_pos: torch.Tensor | None = None  # positions of the keys returned this step (None: all visible)
+
+    def apply_local(self, k: torch.Tensor, v: torch.Tensor, plan: "_Plan", rope: RopeSpec):
+        if not self.is_initialized:
+            self.lazy_initialization(k, v, self.window, 0, rope.slot)
+        q, p0, w = k.shape[2], plan.p0, self.window
+        used = self.lseq[: self.n_used]
+        held = (used >= 0).nonzero().squeeze(1)
+        held_seq, order = used[held].sort()
+        held = held[order]  # held slots in stream order
+        n = held.numel()
+        wanted = torch.arange(p0 - n, p0, dtype=torch.long)  # the last n places before the new tokens
+        stale = self.lpos[held] != wanted
+        if bool(stale.any()) and rope.rotates:  # a position restart: shift every held key once
+            rotating, moved = (self.values if rope.slot == "values" else self.keys), held[stale]
+            rotating[:, :, moved] = rope.apply(rotating[:, :, moved], *rope.cos_sin((wanted - self.lpos[held])[stale]))
+        self.lpos[held] = wanted
+        if q == 1:  # decode: into the free slot (or the next one), attend over every slot in use
+            holes = (used < 0).nonzero().squeeze(1)
+            slot = int(holes[0]) if holes.numel() else self.n_used
+            self.n_used = max(self.n_used, slot + 1)
+            self.keys[:, :, slot] = k[:, :, 0]
+            self.values[:, :, slot] = v[:, :, 0]
+            self.lseq[slot], self.lpos[slot] = plan.seq0, p0
+            if n + 1 > w - 1:  # after this step the oldest is out of the window
+                self.lseq[held[0] if n else slot] = -1
+            self.key_pos = None
+            return self.keys[:, :, : self.n_used], self.values[:, :, : self.n_used]
+        keys = torch.cat([self.keys[:, :, held], k], dim=2)  # [B, H, n + q, D]: held, then the chunk
+        values = torch.cat([self.values[:, :, held], v], dim=2)
+        self.key_pos = torch.cat([wanted, torch.arange(p0, p0 + q, dtype=torch.long)])
+        seq = torch.cat([held_seq, torch.arange(plan.seq0, plan.seq0 + q, dtype=torch.long)])
+        m = min(w - 1, n + q)  # keep the last W-1
+        start = n + q - m
+        self.keys[:, :, :m] = keys[:, :, start:]
+        self.values[:, :, :m] = values[:, :, start:]
+        self.lseq[:] = -1
+        self.lseq[:m], self.lpos[:m] = seq[start:], self.key_pos[start:]
+        self.n_used = m
+        return keys, values
+
+    def used_bytes(self, n_used: int) -> int:
+        return sum(t[:, :, : self.n_used].numel() * t.element_size() for t in (self.keys, self.values))
+
+    def local_state(self, grab) -> dict:
+        return {"keys": grab(self.keys[:, :, : self.n_used]), "values": grab(self.values[:, :, : self.n_used]),
+                "lseq": self.lseq.clone(), "lpos": self.lpos.clone(), "n_used": self.n_used}
+
+    def load_local(self, saved: dict, slot: str) -> None:
+        self.lazy_initialization(saved["keys"], saved["values"], self.window, 0, slot)
+        self.n_used = saved["n_used"]
+        self.keys[:, :, : self.n_used] = saved["keys"]
+        self.values[:, :, : self.n_used] = saved["values"]
+        self.lseq, self.lpos = saved["lseq"].clone(), saved["lpos"].clone()
 
 
 class StreamingCache(Cache):
@@ -301,6 +382,9 @@ class StreamingCache(Cache):
         self.local_windows: dict[int, int] = {}  # layer -> its window, for local layers narrower than the budget
         if budget is not None:
             self.local_windows = {i: w for i, w in enumerate(_layer_windows(model, config)) if w is not None and budget + 1 > w}
+        # local layers whose window the policy's recent tokens cover keep only that window (LocalLayer); the
+        # others (a window narrower than W-1: they may see sinks) are masked over the shared buffers
+        self.local_own = {i: w for i, w in self.local_windows.items() if not custom and budget - sinks >= w - 1}
         impl = getattr(model.config, "_attn_implementation", None)
         if self.local_windows and impl not in ("sdpa", "eager", *NAMES):
             w = min(self.local_windows.values())
@@ -355,8 +439,11 @@ class StreamingCache(Cache):
 
     def _fresh_layers(self) -> list:
         """One layer per index for a hybrid: its own recurrent-state layer, or an empty slot-table layer."""
-        return [copy.deepcopy(self._recurrent_protos[i]) if i in self._recurrent_protos else StreamingLayer(self.observe)
+        return [copy.deepcopy(self._recurrent_protos[i]) if i in self._recurrent_protos else self._new_layer(i)
                 for i in range(self.n_layers)]
+
+    def _new_layer(self, i: int) -> "StreamingLayer":
+        return LocalLayer(self.local_own[i]) if i in self.local_own else StreamingLayer(self.observe)
 
     @property
     def kv_layers(self) -> list["StreamingLayer"]:
@@ -435,8 +522,12 @@ class StreamingCache(Cache):
             self._plan, self._ready, self._n_kept_before = self._ready or self._make_plan(key_states.shape[2]), None, None
             self._attended = set()
         while len(self.layers) <= layer_idx:
-            self.layers.append(StreamingLayer(self.observe))
-        keys, values = self.layers[layer_idx].apply(key_states, value_states, self._plan, self.ropes[layer_idx], self.sinks)
+            self.layers.append(self._new_layer(len(self.layers)))
+        layer = self.layers[layer_idx]
+        if isinstance(layer, LocalLayer):
+            keys, values = layer.apply_local(key_states, value_states, self._plan, self.ropes[layer_idx])
+        else:
+            keys, values = layer.apply(key_states, value_states, self._plan, self.ropes[layer_idx], self.sinks)
         if hasattr(self, "attend"):
             set_hook(keys, lambda module, query, k, v, scaling, **_: self._attend_layer(layer_idx, module, query, k, v, scaling))
         elif layer_idx in self.local_windows:
@@ -447,19 +538,25 @@ class StreamingCache(Cache):
         """A local layer's attention: the model's own attention (SDPA, or its eager function with soft-capping,
         learned sinks, ... passed on in `kwargs`) over the returned keys, each query seeing the keys whose
         place is less than the layer's window behind it (and not ahead of it)."""
-        plan, w = self._plan, self.local_windows[layer_idx]
+        plan, w, layer = self._plan, self.local_windows[layer_idx], self.layers[layer_idx]
         masks, eager = plan.local_masks, self._eager_attention
-        if (w, eager) not in masks:
-            q_pos = torch.arange(plan.p0, plan.p0 + query.shape[2])  # [q]
-            dist = q_pos[:, None] - plan.key_pos[None, :]  # [q, k]: places between each query and each key
-            seen = ((dist >= 0) & (dist < w))[None, None].to(query.device)  # [1, 1, q, k]
-            # eager functions add their mask to the scores: 0 where seen, the dtype's minimum elsewhere
-            masks[w, eager] = torch.zeros(seen.shape, dtype=query.dtype, device=query.device).masked_fill_(
-                ~seen, torch.finfo(query.dtype).min) if eager else seen
+        own = isinstance(layer, LocalLayer)  # its own keys (key_pos None: all inside the window), or the shared ones
+        key = (w, eager, own)
+        if key not in masks:
+            key_pos = layer.key_pos if own else plan.key_pos
+            if key_pos is None:
+                masks[key] = None
+            else:
+                q_pos = torch.arange(plan.p0, plan.p0 + query.shape[2])  # [q]
+                dist = q_pos[:, None] - key_pos[None, :]  # [q, k]: places between each query and each key
+                seen = ((dist >= 0) & (dist < w))[None, None].to(query.device)  # [1, 1, q, k]
+                # eager functions add their mask to the scores: 0 where seen, the dtype's minimum elsewhere
+                masks[key] = torch.zeros(seen.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                    ~seen, torch.finfo(query.dtype).min) if eager else seen
         if eager:
-            out, _ = module_eager_attention(module)(module, query, keys, values, masks[w, eager], scaling=scaling, **kwargs)
+            out, _ = module_eager_attention(module)(module, query, keys, values, masks[key], scaling=scaling, **kwargs)
         else:
-            out, _ = sdpa_attention_forward(module, query, keys, values, masks[w, eager], scaling=scaling, **kwargs)
+            out, _ = sdpa_attention_forward(module, query, keys, values, masks[key], scaling=scaling, **kwargs)
         return out
 
     def _attend_layer(self, layer_idx, module, query, keys, values, scaling):
@@ -571,7 +668,7 @@ class StreamingCache(Cache):
         plan = _Plan(self.seq.numel(), rot_slots, rot_delta, pin_slots, pin_idx, pin_delta, new_pins)
         plan.gap = gap
         plan.window_start = p0 - n_kept + int(pinned.sum())
-        plan.p0 = p0
+        plan.p0, plan.seq0 = p0, self.seen - q
 
         holes = (used < 0).nonzero().squeeze(1)
         if q == 1 and holes.numel() <= 1:  # decode fast path
@@ -620,9 +717,7 @@ class StreamingCache(Cache):
     def used_bytes(self) -> int:
         """Bytes of the keys/values actually kept (filled slots, pristine sink copies): what a policy needs,
         whatever its buffers' spare capacity. Policies that keep KV outside the slot table add theirs."""
-        return sum(sum(t[:, :, : self.n_used].numel() * t.element_size() for t in (l.keys, l.values))
-                   + l.pin_keys.numel() * l.pin_keys.element_size() for l in self.kv_layers if l.is_initialized) \
-            + _recurrent_bytes(self.layers)
+        return sum(l.used_bytes(self.n_used) for l in self.kv_layers if l.is_initialized) + _recurrent_bytes(self.layers)
 
     def describe(self) -> dict:
         return {"policy": self.name, "budget": self.budget, "sinks": self.sinks}
@@ -637,9 +732,12 @@ class StreamingCache(Cache):
             "n_used": self.n_used, "seen": self.seen, "next_pos": self.next_pos, "first_layer": self._first_layer,
             "layers": [
                 {"keys": grab(l.keys[:, :, : self.n_used]), "values": grab(l.values[:, :, : self.n_used]),
-                 "pin_keys": grab(l.pin_keys)} if isinstance(l, StreamingLayer) and l.is_initialized else None
+                 "pin_keys": grab(l.pin_keys)} if type(l) is StreamingLayer and l.is_initialized else None
                 for l in self.layers
             ],
+            # local layers' own buffers (LocalLayer), written whole (W tokens: incremental snapshots skip them)
+            **({"local": {i: l.local_state(grab) for i, l in enumerate(self.layers) if isinstance(l, LocalLayer) and l.is_initialized}}
+               if self.local_own else {}),
             **({"recurrent": {i: _recurrent_state(self.layers[i]) for i in self._recurrent_protos}}
                if self._recurrent_protos else {}),
         }
@@ -658,7 +756,15 @@ class StreamingCache(Cache):
                 _load_recurrent(layer, state["recurrent"][i])
                 self.layers.append(layer)
                 continue
-            layer = StreamingLayer(self.observe)
+            layer = self._new_layer(i)
+            if isinstance(layer, LocalLayer):
+                if saved is not None:
+                    raise ValueError(f"snapshot holds layer {i} in the shared buffers, this cache keeps it local (W tokens): "
+                                     "it was written by an older streamkv; start the session again from its text")
+                if i in state.get("local", {}):
+                    layer.load_local(state["local"][i], self.ropes[i].slot)
+                self.layers.append(layer)
+                continue
             if saved is not None:
                 slot = self.ropes[len(self.layers)].slot
                 layer.lazy_initialization(saved["keys"], saved["values"], cap, self.sinks, slot)
