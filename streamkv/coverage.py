@@ -455,8 +455,10 @@ NOTES = [
     "SDPA, or its eager function with its soft-capping or learned sinks, Gemma 2 and gpt-oss), while the "
     "global layers keep sinks + window; the section below gives that verdict. A local layer keeps only its "
     "window (the last W-1 tokens, in buffers of its own) when the policy's window covers it, as here (6 >= "
-    "4); with a narrower policy window it is masked over the shared buffers. `memory`, "
-    "`h2o`, `sirllm` and `duo` refuse a budget beyond a local window, and models that attend with their own "
+    "4); with a narrower policy window it is masked over the shared buffers. `memory` does the same for "
+    "local layers (its window must cover theirs) and keeps its blocks for the global layers "
+    "(tests/test_core_local_windows.py: equals dense on Gemma 3 with every block retrieved). `h2o`, `sirllm` "
+    "and `duo` refuse a budget beyond a local window. `memory`, `h2o`, `sirllm` and `duo` refuse models that attend with their own "
     "eager function at any budget (they compute attention as SDPA does, which would drop the soft-capping "
     "or sinks).",
     "Latent multi-head attention (DeepSeek V2/V3, MiniCPM3, GLM-4 MoE Lite, LongCat, Youtu, AXK1) caches the "

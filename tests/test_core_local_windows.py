@@ -148,12 +148,51 @@ def test_a_snapshot_of_local_layers_continues_identically(chunk):
         assert torch.equal(a.feed(ids[0, t : t + 1]), b.feed(ids[0, t : t + 1]))
 
 
-def test_memory_scored_and_duo_refuse_beyond_a_local_window():
+def test_scored_policies_refuse_beyond_a_local_window():
     model = gemma3(layers=2)
-    for name, kw in (("memory", {"sinks": 4, "window": 16}), ("h2o", {"sinks": 4, "window": 16, "heavy": 4}),
-                     ("sirllm", {"sinks": 4, "window": 16, "heavy": 4})):
+    for name, kw in (("h2o", {"sinks": 4, "window": 16, "heavy": 4}), ("sirllm", {"sinks": 4, "window": 16, "heavy": 4})):
         with pytest.raises(Exception, match="does not mask local layers yet"):
             make_policy(name, model, **kw)
+    with pytest.raises(Exception, match=f"choose window >= {W - 1}"):  # memory: its window must cover the local one
+        make_policy("memory", model, sinks=4, window=W - 2, block=4, topk=2)
+
+
+@pytest.mark.parametrize("chunks", [[1], [7, 1, 1, 13, 1, 30]], ids=["token-by-token", "chunked"])
+def test_memory_retrieving_every_block_equals_dense_on_a_local_global_model(chunks):
+    """memory on Gemma 3 past its local window: local layers keep their own window (and store nothing), the
+    global layers sinks + window + every block (K*B >= evicted, contiguous placement): equals dense."""
+    model = gemma3(layers=4)
+    ids = _ids(200, seed=6)
+    with torch.inference_mode():
+        dense = model(input_ids=ids).logits[0]
+        cache = make_policy("memory", model, sinks=3, window=12, block=4, topk=60, reps=2, ram_mb=0, placement="contiguous")
+        assert cache.local_own == {0: W, 2: W} and cache.stored_layers == [1, 3]
+        out, t = [], 0
+        while t < ids.shape[1]:
+            n = chunks[len(out) % len(chunks)]
+            out.append(model(input_ids=ids[:, t : t + n], position_ids=cache.position_ids(min(n, ids.shape[1] - t)),
+                             past_key_values=cache, use_cache=True).logits[0])
+            t += n
+    got = torch.cat(out)
+    assert (got - dense).abs().max().item() < 1e-4
+    assert cache.store.n_blocks == (200 - 3 - 12) // 4
+    assert set(cache.retrieved) == {1, 3}  # only the global layers retrieve
+    assert cache.store._header(0)["layers"] == 2  # a block holds the global layers' parts only: 2 of 4 layers
+
+
+def test_memory_on_a_local_global_model_remembers_and_snapshots():
+    """Few blocks (K*B < evicted): it runs, retrieves for the global layers, and a snapshot continues identically."""
+    model = gemma3(layers=4)
+    ids = _ids(300, seed=7)
+    a = StreamSession(model, None, "memory", sinks=4, window=16, block=4, topk=3, reps=2, chunk_size=5)
+    a.feed(ids[0, :200])
+    assert a.policy.store.n_blocks > 3 and all(len(v) == 3 for v in a.policy.retrieved.values())
+    b = StreamSession(model, None, "memory", sinks=4, window=16, block=4, topk=3, reps=2, chunk_size=5,
+                      store_dir=None)
+    b.policy.load_state_dict(a.policy.state_dict())
+    b.logits = a.logits
+    for t in range(200, 240):
+        assert torch.equal(a.feed(ids[0, t : t + 1]), b.feed(ids[0, t : t + 1]))
 
 
 def test_the_eager_functions_arguments_reach_local_layers():

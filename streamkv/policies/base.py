@@ -344,6 +344,7 @@ class StreamingCache(Cache):
     observe = False  # layers keep the attention each kept token received (needs `attend`)
     keeps_evicted = False  # layers copy out the keys/values each step evicts (`layer.evicted`)
     reserved = 0  # the most positions `gap()` can ever reserve (position restarts leave room for them)
+    serves_local_layers = False  # a policy that attends itself leaves local layers with their own window to the base
 
     def __init__(self, model, *, budget: int | None, sinks: int = 0, max_position: int | None = None):
         if budget is not None and (not isinstance(budget, int) or budget < 1):
@@ -384,7 +385,9 @@ class StreamingCache(Cache):
             self.local_windows = {i: w for i, w in enumerate(_layer_windows(model, config)) if w is not None and budget + 1 > w}
         # local layers whose window the policy's recent tokens cover keep only that window (LocalLayer); the
         # others (a window narrower than W-1: they may see sinks) are masked over the shared buffers
-        self.local_own = {i: w for i, w in self.local_windows.items() if not custom and budget - sinks >= w - 1}
+        recent = self.recent_tokens(budget, sinks) if budget is not None else 0
+        self.local_own = {i: w for i, w in self.local_windows.items()
+                          if (not custom or self.serves_local_layers) and recent >= w - 1}
         impl = getattr(model.config, "_attn_implementation", None)
         if self.local_windows and impl not in ("sdpa", "eager", *NAMES):
             w = min(self.local_windows.values())
@@ -400,12 +403,18 @@ class StreamingCache(Cache):
                 "function (e.g. attention logit soft-capping in Gemma 2, learned attention sinks in gpt-oss), which that "
                 "would silently drop; use sink or window for it (they attend through the model's own function)."
             )
-        if self.local_windows and custom:
-            w = min(self.local_windows.values())
+        if custom and len(self.local_own) < len(self.local_windows):
+            w = max(w for i, w in self.local_windows.items() if i not in self.local_own)
+            if self.serves_local_layers:
+                raise UnsupportedModelError(
+                    f"layers {sorted(self.local_windows)[:5]} of this model attend within a sliding window of {w} tokens; "
+                    f"policy {self.name!r} keeps their window in buffers of their own when its recent window covers it: "
+                    f"choose window >= {w - 1} (or a budget below {w})."
+                )
             raise UnsupportedModelError(
                 f"layers {sorted(self.local_windows)[:5]} of this model attend within a sliding window of {w} tokens, "
                 f"but this cache keeps {budget + 1}; policy {self.name!r} attends by itself and does not mask local "
-                f"layers yet: choose a budget below {w}, or use sink or window (they mask local layers by place)."
+                f"layers yet: choose a budget below {w}, or use sink, window or memory (they mask local layers by place)."
             )
         super().__init__(layers=[])
         if self._recurrent_protos:  # every index exists from the start: a recurrent layer may be called first
@@ -456,6 +465,11 @@ class StreamingCache(Cache):
         return self.ropes[layer_idx]
 
     # ---- what a policy decides ------------------------------------------------------------------------
+    def recent_tokens(self, budget: int, sinks: int) -> int:
+        """How many of the most recent tokens the policy always keeps (`keep_mask`'s window): a local layer
+        whose window this covers keeps only that window, in buffers of its own."""
+        return budget - sinks
+
     def keep_mask(self, seq: torch.Tensor) -> torch.Tensor:
         """Which candidates to keep. `seq`: stream indices of kept + new tokens, ascending."""
         keep = torch.ones_like(seq, dtype=torch.bool)
@@ -528,7 +542,7 @@ class StreamingCache(Cache):
             keys, values = layer.apply_local(key_states, value_states, self._plan, self.ropes[layer_idx])
         else:
             keys, values = layer.apply(key_states, value_states, self._plan, self.ropes[layer_idx], self.sinks)
-        if hasattr(self, "attend"):
+        if hasattr(self, "attend") and not isinstance(layer, LocalLayer):
             set_hook(keys, lambda module, query, k, v, scaling, **_: self._attend_layer(layer_idx, module, query, k, v, scaling))
         elif layer_idx in self.local_windows:
             set_hook(keys, lambda module, query, k, v, scaling, **kw: self._local_attention(layer_idx, module, query, k, v, scaling, kw))
@@ -568,7 +582,8 @@ class StreamingCache(Cache):
         silently): refuse a model whose attention does not go through transformers' attention interface."""
         if not hasattr(self, "attend") or self._plan is None:
             return
-        missing = [i for i, layer in enumerate(self.layers) if layer.is_initialized and i not in self._attended]
+        missing = [i for i, layer in enumerate(self.layers)
+                   if layer.is_initialized and i not in self._attended and not isinstance(layer, LocalLayer)]
         if missing:
             raise UnsupportedModelError(
                 f"policy {self.name!r} computes attention itself, but layers {missing[:5]} of this model did not call "

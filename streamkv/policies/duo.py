@@ -252,6 +252,7 @@ class DuoCache(_HeadRuns, StreamingCache):
 
 
 class DuoMemoryCache(_HeadRuns, MemoryCache):
+    serves_local_layers = False  # its head runs cover every layer
     """`duo` with retrieval="memory": streaming heads keep sinks + window, retrieval heads a block store
     (built by `make_policy("duo", ..., retrieval="memory")`)."""
 

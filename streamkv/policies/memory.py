@@ -41,6 +41,10 @@ How a step works (see `attend`):
    contiguous at 32k 4/5. Fixed wins where both ran (7/8 vs 5/8), so it is the default; the samples are
    small and the difference may not hold on other models.
 
+Local/global models (Gemma 2/3/4, gpt-oss, Mistral with a window, ...): the local layers keep only their own
+window (`base.LocalLayer`, when `window` >= W-1) and store nothing; the global layers keep sinks + window +
+retrieved blocks, and blocks hold the global layers' parts only.
+
 Exactness: with `contiguous` placement and K*B at least the evicted tokens, every block is retrieved, in
 order, contiguously: the cache then attends exactly what a dense cache does at the same distances (tests:
 equals `dense` to 1e-4). On one
@@ -72,6 +76,9 @@ class MemoryCache(StreamingCache):
     name = "memory"
     observe = True
     keeps_evicted = True
+    # local/global models (Gemma 2/3/4, gpt-oss, ...): local layers keep their own window (base.LocalLayer) and
+    # store nothing; the global layers keep sinks + window + retrieved blocks
+    serves_local_layers = True
 
     def __init__(self, model, sinks: int = 4, window: int = 768, block: int = 64, topk: int = 16, reps: int = 2,
                  ram_mb: int = 256, store_dir: str | None = None, placement: str = "fixed", selection: str = "shared",
@@ -101,6 +108,17 @@ class MemoryCache(StreamingCache):
         self.retrieval_seconds = 0.0  # spent choosing and fetching blocks (all layers), for the cost-per-step plot
 
     # ---- what is kept -------------------------------------------------------------------------------
+    def recent_tokens(self, budget: int, sinks: int) -> int:
+        return self.window  # evicting in whole blocks leaves W..W+B-1 recent tokens
+
+    @property
+    def stored_layers(self) -> list[int]:
+        """The layers whose evicted tokens go to the store (all but local layers, which keep their window)."""
+        if getattr(self, "_stored", None) is None:
+            self._stored = [i for i in range(self.n_layers) if i not in self.local_own]
+            self._parts = {l: j for j, l in enumerate(self._stored)}
+        return self._stored
+
     def keep_mask(self, seq: torch.Tensor) -> torch.Tensor:
         """Sinks, and the recent tokens: evict the oldest in whole blocks, leaving W..W+B-1 of them."""
         keep = torch.ones_like(seq, dtype=torch.bool)
@@ -194,7 +212,7 @@ class MemoryCache(StreamingCache):
             return self._fetch_per_head(layer_idx, ids)
         if self.placement == "fixed":
             return self._fetch_into_slots(layer_idx, ids, cached)
-        parts = [self.store.get(i, layer_idx) for i in ids]
+        parts = [self.store.get(i, self._part(layer_idx)) for i in ids]
         k = torch.cat([p[0] for p in parts], dim=1)  # [H, G, D]
         v = torch.cat([p[1] for p in parts], dim=1)
         pos = torch.cat([p[2] for p in parts])  # [G]
@@ -208,7 +226,7 @@ class MemoryCache(StreamingCache):
         """selection=head: KV head h attends its own blocks ids[h], in the same number of slots as every other
         head, so a layer's retrieved part stays one [1, H, K*B, D] tensor (one kernel call); slot j holds, for
         each head, its j-th block, at the same canonical places as with a shared choice."""
-        blocks = {i: self.store.get(i, layer_idx) for i in sorted({i for row in ids for i in row})}
+        blocks = {i: self.store.get(i, self._part(layer_idx)) for i in sorted({i for row in ids for i in row})}
         ks, vs, ps = [], [], []
         for h, row in enumerate(ids):
             ks.append(torch.cat([blocks[i][0][h] for i in row]))  # [G, D]
@@ -237,7 +255,7 @@ class MemoryCache(StreamingCache):
         have = set(slots)
         new = [i for i in ids if i not in have]
         if new:
-            parts = [self.store.get(i, layer_idx) for i in new]  # (keys [H, B, D], values [H, B, Dv], pos [B])
+            parts = [self.store.get(i, self._part(layer_idx)) for i in new]  # (keys [H, B, D], values [H, B, Dv], pos [B])
             k = torch.cat([p[0] for p in parts], dim=1)  # [H, n*B, D]
             k = self.rope_for_layer(layer_idx).rotate(k, -torch.cat([p[2] for p in parts]))  # to position 0, from the store's copy
             if kbuf is None:  # [1, H, K*B, D]: allocated once per layer
@@ -267,7 +285,11 @@ class MemoryCache(StreamingCache):
             rep = torch.gather(k, 1, top[..., None].expand(h, self.reps, d))  # [H, r, D]
             rep = self.rope_for_layer(layer_idx).rotate(rep.reshape(h * self.reps, d), -pos[top.reshape(-1)]).view(1, h, self.reps, d).half()
             self._index_append(layer_idx, block_id, rep)
-            self.store.add_layer(block_id, layer_idx, self.n_layers, k.clone(), v.clone(), pos)
+            self.store.add_layer(block_id, self._part(layer_idx), len(self.stored_layers), k.clone(), v.clone(), pos)
+
+    def _part(self, layer_idx: int) -> int:
+        """Which part of a stored block is layer `layer_idx`'s (blocks hold the stored layers only)."""
+        return self._parts[layer_idx] if self.local_own and self.stored_layers else layer_idx
 
     def _index_append(self, layer_idx: int, block_id: int, rep: torch.Tensor) -> None:
         while len(self.index) <= layer_idx:
@@ -299,7 +321,7 @@ class MemoryCache(StreamingCache):
         """RAM the index of representatives costs per evicted token (float16, `reps` keys per block)."""
         cfg = self.model_config
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dims = sum(spec.head_dim for spec in self.ropes if spec is not None)  # layers may differ (Gemma 4)
+        head_dims = sum(self.ropes[i].head_dim for i in self.stored_layers if self.ropes[i] is not None)  # layers may differ (Gemma 4)
         return 2 * kv_heads * head_dims * self.reps / self.block * self.stored_fraction
 
     def index_bytes(self) -> int:
@@ -328,7 +350,8 @@ class MemoryCache(StreamingCache):
                            # saved as [n_blocks, H, r, D] (the layout snapshots have always had)
                            "index": [t[:, : self.store.n_blocks].transpose(0, 1).clone() if t is not None else None
                                      for t in self.index],
-                           "received": [l.received[:, : self.n_used].clone() if l.is_initialized else None for l in self.layers],
+                           "received": [l.received[:, : self.n_used].clone() if l.is_initialized and l.received is not None
+                                        else None for l in self.layers],
                            # fixed placement: which block sits in which slot, so a restored cache attends in the same
                            # order and continues with bit-identical logits
                            "slots": {l: (list(f[0]), list(f[3])) for l, f in self._fetched.items() if len(f) > 3},
