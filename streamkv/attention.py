@@ -108,6 +108,8 @@ def attend_parts(query: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tens
     [1, Hkv, n, Dv], causal). `causal` parts are the q new tokens themselves (n == q, token i sees 0..i).
     Returns (output [1, q, Hq, Dv] as transformers expects, log-sum-exp over all parts [1, Hq, q])."""
     b, hq, q, d = query.shape
+    if one_query(query, parts):
+        return attend_one(query, parts, scaling)[:2]
     outs, lses = [], []
     for q_rot, k, v, causal in parts:
         hkv = k.shape[1]
@@ -122,6 +124,39 @@ def attend_parts(query: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tens
     total = torch.logsumexp(torch.stack(lses), dim=0) if len(lses) > 1 else lses[0]  # [1, Hq, q]
     out = outs[0] if len(outs) == 1 else sum(o * torch.exp(l - total).unsqueeze(-1).to(o.dtype) for o, l in zip(outs, lses))
     return out.transpose(1, 2).contiguous(), total  # [1, q, Hq, Dv]
+
+
+def one_query(query: torch.Tensor, parts: list[tuple]) -> bool:
+    """Whether `attend_one` serves this step: one query (decoding), no causal part, one KV-head layout."""
+    return query.shape[2] == 1 and not any(c for *_, c in parts) and len({k.shape[1] for _, k, _, _ in parts}) == 1
+
+
+def attend_one(query: torch.Tensor, parts: list[tuple], scaling: float) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """`attend_parts` for one query (a decode step; see `one_query`): plain matmuls over the parts' scores
+    side by side, one softmax. Also returns each part's probabilities summed over the query heads of each
+    KV head, [Hkv, n_i] (what `received_attention` computes), so a policy that observes attention does not
+    score the keys twice. Why: the fused kernel's blocking costs ~175 us a call for one query over ~1k keys
+    (2 calls per layer: 10 ms of a 40 ms `memory` step on 2 cores), and the scores of one query are small.
+    Scores and softmax in float32 whatever the model's dtype, as the fused kernel does."""
+    b, hq, _, d = query.shape
+    hkv = parts[0][1].shape[1]
+    g = hq // hkv
+    scores = [torch.matmul(q_rot.reshape(b, hkv, g, d).float(), k.float().transpose(-1, -2)).mul_(scaling)
+              for q_rot, k, _, _ in parts]  # each [1, Hkv, g, n_i]: the g query heads of a KV head as rows
+    s = torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0]  # [1, Hkv, g, n]
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)  # [1, Hkv, g, 1]
+    p = s.sub_(lse).exp_()
+    out, off = None, 0
+    for (_, _, v, _), sc in zip(parts, scores):
+        n = sc.shape[-1]
+        o = torch.matmul(p[..., off : off + n], v.float())  # [1, Hkv, g, Dv]
+        out, off = o if out is None else out.add_(o), off + n
+    out = out.to(query.dtype).reshape(b, hq, 1, -1)  # [1, Hq, 1, Dv]
+    received, off = [], 0
+    for sc in scores:
+        received.append(p[..., off : off + sc.shape[-1]].sum(dim=(0, 2)))  # [Hkv, n_i]
+        off += sc.shape[-1]
+    return out.transpose(1, 2).contiguous(), lse.reshape(b, hq, 1), received  # [1, 1, Hq, Dv], [1, Hq, 1]
 
 
 def local_parts(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int = 0) -> list[tuple]:

@@ -151,3 +151,28 @@ def test_batched_input_refused():
     cache = make_policy("sink", model, sinks=2, window=8)
     with pytest.raises(ValueError, match="batch size 1"):
         model(random_ids(4).repeat(2, 1), past_key_values=cache, use_cache=True)
+
+
+def test_one_query_attention_equals_softmax_over_every_part():
+    """`attention.attend_one` (decode steps of memory/h2o/sirllm) against a plain softmax over the
+    concatenated scores, and its received attention against `received_attention` (the chunk path's)."""
+    from streamkv.attention import attend_one, one_query, received_attention
+
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, d = 6, 2, 16
+    query = torch.randn(1, hq, 1, d, generator=g)
+    q2 = torch.randn(1, hq, 1, d, generator=g)  # another rotation of the query for the second part
+    k1, v1 = torch.randn(1, hkv, 37, d, generator=g), torch.randn(1, hkv, 37, d, generator=g)
+    k2, v2 = torch.randn(1, hkv, 11, d, generator=g), torch.randn(1, hkv, 11, d, generator=g)
+    parts = [(query, k1, v1, False), (q2, k2, v2, False)]
+    assert one_query(query, parts)
+    out, lse, received = attend_one(query, parts, 0.25)
+    rep = lambda t: t.repeat_interleave(hq // hkv, dim=1)  # noqa: E731 - [1, Hq, n, D]
+    s = torch.cat([query @ rep(k1).transpose(-1, -2), q2 @ rep(k2).transpose(-1, -2)], dim=-1) * 0.25  # [1, Hq, 1, 48]
+    p = s.softmax(-1)
+    ref = (p[..., :37] @ rep(v1) + p[..., 37:] @ rep(v2)).transpose(1, 2)  # [1, 1, Hq, D]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(received[0], received_attention(query, k1, 0, 0.25, lse, max_rows=None), atol=1e-6, rtol=0)
+    torch.testing.assert_close(received[1], p[..., 37:].view(1, hkv, hq // hkv, 1, 11).sum(dim=(0, 2, 3)), atol=1e-6, rtol=0)
+    assert not one_query(torch.randn(1, hq, 2, d), parts)  # two queries: the fused kernel

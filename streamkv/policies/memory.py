@@ -58,7 +58,7 @@ import uuid
 
 import torch
 
-from ..attention import attend_parts, local_parts, received_attention
+from ..attention import attend_one, attend_parts, local_parts, one_query, received_attention
 from .base import StreamingCache
 from .blockstore import BlockStore
 
@@ -165,8 +165,12 @@ class MemoryCache(StreamingCache):
                 q_mem = rope.rotate(query, 1 - plan.window_start)
             parts.append((q_mem, mem_k, mem_v, False))
         self.retrieved[layer_idx] = ids
-        out, lse = attend_parts(query, parts, scaling)
-        layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse)
+        if one_query(query, parts):  # decoding: the keys' received attention comes with the output
+            out, _, received = attend_one(query, parts, scaling)
+            layer.received_view += received[0]
+        else:
+            out, lse = attend_parts(query, parts, scaling)
+            layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse)
         evicted_scores = layer.finish_step(plan)
         if layer.evicted is not None:
             self._store_evicted(layer_idx, layer.evicted, evicted_scores, plan)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import attend_parts, local_parts, received_attention
+from ..attention import attend_one, attend_parts, local_parts, one_query, received_attention
 from .base import StreamingCache
 
 
@@ -120,11 +120,18 @@ class ScoredCache(StreamingCache):
             cos, sin = rope.cos_sin(delta.reshape(-1))  # [H*N, rd]
             heavy_k = rope.apply(hs.keys[:, :, :N], cos.view(*delta.shape, -1), sin.view(*delta.shape, -1))
             parts.append((query, heavy_k, hs.values[:, :, :N], False))
-        out, lse = attend_parts(query, parts, scaling)
-        if self.observe:  # exact: every query row (H2O accumulates the attention each token received)
-            layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse, max_rows=None)
-            if heavy_k is not None:
-                hs.received[:, : hs.n] += received_attention(query, heavy_k, 0, scaling, lse, max_rows=None)
+        if one_query(query, parts):  # decoding: each part's received attention comes with the output
+            out, _, received = attend_one(query, parts, scaling)
+            if self.observe:
+                layer.received_view += received[0]
+                if heavy_k is not None:
+                    hs.received[:, : hs.n] += received[1]
+        else:
+            out, lse = attend_parts(query, parts, scaling)
+            if self.observe:  # exact: every query row (H2O accumulates the attention each token received)
+                layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse, max_rows=None)
+                if heavy_k is not None:
+                    hs.received[:, : hs.n] += received_attention(query, heavy_k, 0, scaling, lse, max_rows=None)
         evicted_received = layer.finish_step(plan)
         if layer.evicted is not None:
             self._offer(layer_idx, layer.evicted, evicted_received, plan)
