@@ -263,7 +263,6 @@ class StreamingLayer(CacheLayerMixin):
             + self.pin_keys.numel() * self.pin_keys.element_size()
 
 
-
 class LocalLayer(StreamingLayer):
     """A local (sliding-window) layer's own buffers: the last W-1 tokens of the stream, in [B, H, W, D] (W-1
     held + the new token), instead of the whole budget. Used when the policy's recent tokens cover the window
@@ -321,7 +320,7 @@ class LocalLayer(StreamingLayer):
         self.n_used = m
         return keys, values
 
-    def used_bytes(self, n_used: int) -> int:
+    def used_bytes(self, n_used: int) -> int:  # its own slots in use (not the shared table's n_used)
         return sum(t[:, :, : self.n_used].numel() * t.element_size() for t in (self.keys, self.values))
 
     def local_state(self, grab) -> dict:
