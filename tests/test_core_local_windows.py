@@ -117,7 +117,8 @@ def test_local_layers_keep_only_their_window():
             model(input_ids=ids[:, t : t + 1], position_ids=cache.position_ids(1), past_key_values=cache, use_cache=True)
             for i in (0, 2):
                 layer = cache.layers[i]
-                held = layer.lseq[: layer.n_used]
+                table = layer.table  # shared by the local layers of one window
+                held = table.seq[: table.n_used]
                 held = held[held >= 0].sort().values
                 assert held.tolist() == list(range(max(0, t + 2 - W), t + 1))  # the last W-1 after this step
                 assert layer.keys.shape[2] == W
@@ -125,7 +126,8 @@ def test_local_layers_keep_only_their_window():
             kept = cache.seq[: cache.n_used] >= 0
             last = dict(zip(cache.seq[: cache.n_used][kept].tolist(), cache.pos[: cache.n_used][kept].tolist()))
             layer = cache.layers[0]
-            for s_, p_ in zip(layer.lseq[: layer.n_used].tolist(), layer.lpos[: layer.n_used].tolist()):
+            assert layer.table is cache.layers[2].table is cache.local_tables[W]
+            for s_, p_ in zip(layer.table.seq[: layer.table.n_used].tolist(), layer.table.pos[: layer.table.n_used].tolist()):
                 if s_ >= 0:
                     assert last[s_] == p_
     g = cache.layers[1]
@@ -140,7 +142,7 @@ def test_a_snapshot_of_local_layers_continues_identically(chunk):
     a = StreamSession(model, None, "sink", sinks=4, window=40, chunk_size=chunk)
     a.feed(ids[0, :97])
     state = a.policy.state_dict()
-    assert set(state["local"]) == {0, 2}
+    assert set(state["local"]["layers"]) == {0, 2} and set(state["local"]["tables"]) == {W}
     b = StreamSession(model, None, "sink", sinks=4, window=40, chunk_size=chunk)
     b.policy.load_state_dict(state)
     b.logits = a.logits

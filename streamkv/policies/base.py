@@ -118,6 +118,7 @@ class _Plan:
     seq0: int = 0  # ... and its index in the stream
     key_pos: torch.Tensor | None = None  # position of every key attended this step, in the returned order
     local_masks: dict = field(default_factory=dict)  # (local window, eager, own buffers) -> its mask this step [1, 1, q, k]
+    local_plans: dict = field(default_factory=dict)  # local window -> the step of the local layers with their own buffers
     gap: int = 0  # positions reserved between the pinned tokens and the window
     _cs: dict = field(default_factory=dict)  # (id(rope), which) -> (cos, sin), computed once per step
 
@@ -263,76 +264,103 @@ class StreamingLayer(CacheLayerMixin):
             + self.pin_keys.numel() * self.pin_keys.element_size()
 
 
+@dataclass
+class _LocalPlan:
+    """One step of the local layers of one window (made once per step, on the first of them)."""
+
+    held: torch.Tensor  # held slots, in stream order
+    moved: torch.Tensor  # held slots whose key a position restart shifts ...
+    delta: torch.Tensor  # ... by this many positions
+    slot: int | None = None  # decode: the new token's slot; attend over slots [0, n_view)
+    n_view: int = 0
+    key_pos: torch.Tensor | None = None  # chunk: positions of the returned keys (held, then new): masked by place
+    start: int = 0  # chunk: the survivors are the returned keys from `start` on, into slots [0, m)
+    m: int = 0
+    _cs: dict = field(default_factory=dict)  # id(rope) -> (cos, sin) of `delta`
+
+    def cos_sin(self, rope: RopeSpec) -> tuple:
+        if id(rope) not in self._cs:
+            self._cs[id(rope)] = rope.cos_sin(self.delta)
+        return self._cs[id(rope)]
+
+
+class _LocalTable:
+    """Which token each slot of the local layers of one window W holds: the last W-1 tokens of the stream,
+    at the W-1 places right before the new one. One table for all the local layers of that window (they
+    apply the same steps), as the slot table is shared by every layer."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.seq = torch.full((window,), -1, dtype=torch.long)  # per slot: stream index (-1 = free)
+        self.pos = torch.zeros(window, dtype=torch.long)  # per slot: position its key is rotated at
+        self.n_used = 0  # slots [0, n_used) in use (at most one hole)
+
+    def plan(self, p0: int, seq0: int, q: int) -> _LocalPlan:
+        used = self.seq[: self.n_used]
+        held = (used >= 0).nonzero().squeeze(1)
+        held_seq, order = used[held].sort()
+        held = held[order]
+        n, w = held.numel(), self.window
+        wanted = torch.arange(p0 - n, p0, dtype=torch.long)  # the last n places before the new tokens
+        stale = self.pos[held] != wanted  # a position restart: shift every held key once
+        lp = _LocalPlan(held, held[stale], (wanted - self.pos[held])[stale])
+        self.pos[held] = wanted
+        if q == 1:  # decode: into the free slot (or the next one); every held token is inside the window
+            holes = (used < 0).nonzero().squeeze(1)
+            lp.slot = int(holes[0]) if holes.numel() else self.n_used
+            self.n_used = lp.n_view = max(self.n_used, lp.slot + 1)
+            self.seq[lp.slot], self.pos[lp.slot] = seq0, p0
+            if n + 1 > w - 1:  # after this step the oldest is out of the window
+                self.seq[held[0] if n else lp.slot] = -1
+            return lp
+        lp.key_pos = torch.cat([wanted, torch.arange(p0, p0 + q, dtype=torch.long)])
+        seq = torch.cat([held_seq, torch.arange(seq0, seq0 + q, dtype=torch.long)])
+        lp.m = min(w - 1, n + q)  # keep the last W-1
+        lp.start = n + q - lp.m
+        self.seq[:] = -1
+        self.seq[: lp.m], self.pos[: lp.m] = seq[lp.start :], lp.key_pos[lp.start :]
+        self.n_used = lp.m
+        return lp
+
+    def state(self) -> dict:
+        return {"seq": self.seq.clone(), "pos": self.pos.clone(), "n_used": self.n_used}
+
+    def load(self, saved: dict) -> None:
+        self.seq, self.pos, self.n_used = saved["seq"].clone(), saved["pos"].clone(), saved["n_used"]
+
+
 class LocalLayer(StreamingLayer):
     """A local (sliding-window) layer's own buffers: the last W-1 tokens of the stream, in [B, H, W, D] (W-1
     held + the new token), instead of the whole budget. Used when the policy's recent tokens cover the window
-    (sink/window with window >= W-1): then what such a layer can see, by place, is exactly the last W-1 tokens,
-    laid out right before the new one as in the shared table, so its positions follow from p0 alone.
+    (window >= W-1): then what such a layer can see, by place, is exactly the last W-1 tokens, laid out right
+    before the new one as in the shared table, so their places follow from p0 alone (`_LocalTable`).
 
     Decoding writes the new token into the slot its oldest token left (every held token is inside the window:
     no mask); a chunk gathers the held tokens in stream order, appends the chunk (masked by place) and keeps
-    the last W-1. A position restart re-rotates the held keys by the shift, as the shared table does."""
+    the last W-1. A position restart shifts the held keys once, as the shared table does."""
 
-    def __init__(self, window: int):
+    def __init__(self, table: _LocalTable):
         super().__init__(observe=False)
-        self.window = window
-        self.lseq = torch.full((window,), -1, dtype=torch.long)  # per slot: stream index (-1 = free)
-        self.lpos = torch.zeros(window, dtype=torch.long)  # per slot: position its key is rotated at
-        self.n_used = 0  # slots [0, n_used) in use (at most one hole)
-        self.key_pos: torch.Tensor | None = None  # positions of the keys returned this step (None: all visible)
+        self.table = table
 
-    def apply_local(self, k: torch.Tensor, v: torch.Tensor, plan: "_Plan", rope: RopeSpec):
+    def apply_local(self, k: torch.Tensor, v: torch.Tensor, lp: _LocalPlan, rope: RopeSpec):
         if not self.is_initialized:
-            self.lazy_initialization(k, v, self.window, 0, rope.slot)
-        q, p0, w = k.shape[2], plan.p0, self.window
-        used = self.lseq[: self.n_used]
-        held = (used >= 0).nonzero().squeeze(1)
-        held_seq, order = used[held].sort()
-        held = held[order]  # held slots in stream order
-        n = held.numel()
-        wanted = torch.arange(p0 - n, p0, dtype=torch.long)  # the last n places before the new tokens
-        stale = self.lpos[held] != wanted
-        if bool(stale.any()) and rope.rotates:  # a position restart: shift every held key once
-            rotating, moved = (self.values if rope.slot == "values" else self.keys), held[stale]
-            rotating[:, :, moved] = rope.apply(rotating[:, :, moved], *rope.cos_sin((wanted - self.lpos[held])[stale]))
-        self.lpos[held] = wanted
-        if q == 1:  # decode: into the free slot (or the next one), attend over every slot in use
-            holes = (used < 0).nonzero().squeeze(1)
-            slot = int(holes[0]) if holes.numel() else self.n_used
-            self.n_used = max(self.n_used, slot + 1)
-            self.keys[:, :, slot] = k[:, :, 0]
-            self.values[:, :, slot] = v[:, :, 0]
-            self.lseq[slot], self.lpos[slot] = plan.seq0, p0
-            if n + 1 > w - 1:  # after this step the oldest is out of the window
-                self.lseq[held[0] if n else slot] = -1
-            self.key_pos = None
-            return self.keys[:, :, : self.n_used], self.values[:, :, : self.n_used]
-        keys = torch.cat([self.keys[:, :, held], k], dim=2)  # [B, H, n + q, D]: held, then the chunk
-        values = torch.cat([self.values[:, :, held], v], dim=2)
-        self.key_pos = torch.cat([wanted, torch.arange(p0, p0 + q, dtype=torch.long)])
-        seq = torch.cat([held_seq, torch.arange(plan.seq0, plan.seq0 + q, dtype=torch.long)])
-        m = min(w - 1, n + q)  # keep the last W-1
-        start = n + q - m
-        self.keys[:, :, :m] = keys[:, :, start:]
-        self.values[:, :, :m] = values[:, :, start:]
-        self.lseq[:] = -1
-        self.lseq[:m], self.lpos[:m] = seq[start:], self.key_pos[start:]
-        self.n_used = m
+            self.lazy_initialization(k, v, self.table.window, 0, rope.slot)
+        if lp.moved.numel() and rope.rotates:
+            rotating = self.values if rope.slot == "values" else self.keys
+            rotating[:, :, lp.moved] = rope.apply(rotating[:, :, lp.moved], *lp.cos_sin(rope))
+        if lp.slot is not None:  # decode
+            self.keys[:, :, lp.slot] = k[:, :, 0]
+            self.values[:, :, lp.slot] = v[:, :, 0]
+            return self.keys[:, :, : lp.n_view], self.values[:, :, : lp.n_view]
+        keys = torch.cat([self.keys[:, :, lp.held], k], dim=2)  # [B, H, n + q, D]: held, then the chunk
+        values = torch.cat([self.values[:, :, lp.held], v], dim=2)
+        self.keys[:, :, : lp.m] = keys[:, :, lp.start :]
+        self.values[:, :, : lp.m] = values[:, :, lp.start :]
         return keys, values
 
-    def used_bytes(self, n_used: int) -> int:  # its own slots in use (not the shared table's n_used)
-        return sum(t[:, :, : self.n_used].numel() * t.element_size() for t in (self.keys, self.values))
-
-    def local_state(self, grab) -> dict:
-        return {"keys": grab(self.keys[:, :, : self.n_used]), "values": grab(self.values[:, :, : self.n_used]),
-                "lseq": self.lseq.clone(), "lpos": self.lpos.clone(), "n_used": self.n_used}
-
-    def load_local(self, saved: dict, slot: str) -> None:
-        self.lazy_initialization(saved["keys"], saved["values"], self.window, 0, slot)
-        self.n_used = saved["n_used"]
-        self.keys[:, :, : self.n_used] = saved["keys"]
-        self.values[:, :, : self.n_used] = saved["values"]
-        self.lseq, self.lpos = saved["lseq"].clone(), saved["lpos"].clone()
+    def used_bytes(self, n_used: int) -> int:  # the slots its table uses (not the shared table's n_used)
+        return sum(t[:, :, : self.table.n_used].numel() * t.element_size() for t in (self.keys, self.values))
 
 
 class StreamingCache(Cache):
@@ -387,6 +415,7 @@ class StreamingCache(Cache):
         recent = self.recent_tokens(budget, sinks) if budget is not None else 0
         self.local_own = {i: w for i, w in self.local_windows.items()
                           if (not custom or self.serves_local_layers) and recent >= w - 1}
+        self.local_tables = {w: _LocalTable(w) for w in sorted(set(self.local_own.values()))}
         impl = getattr(model.config, "_attn_implementation", None)
         if self.local_windows and impl not in ("sdpa", "eager", *NAMES):
             w = min(self.local_windows.values())
@@ -451,7 +480,7 @@ class StreamingCache(Cache):
                 for i in range(self.n_layers)]
 
     def _new_layer(self, i: int) -> "StreamingLayer":
-        return LocalLayer(self.local_own[i]) if i in self.local_own else StreamingLayer(self.observe)
+        return LocalLayer(self.local_tables[self.local_own[i]]) if i in self.local_own else StreamingLayer(self.observe)
 
     @property
     def kv_layers(self) -> list["StreamingLayer"]:
@@ -538,7 +567,10 @@ class StreamingCache(Cache):
             self.layers.append(self._new_layer(len(self.layers)))
         layer = self.layers[layer_idx]
         if isinstance(layer, LocalLayer):
-            keys, values = layer.apply_local(key_states, value_states, self._plan, self.ropes[layer_idx])
+            w, plan = layer.table.window, self._plan
+            if w not in plan.local_plans:  # the first local layer of this window in this step
+                plan.local_plans[w] = layer.table.plan(plan.p0, plan.seq0, key_states.shape[2])
+            keys, values = layer.apply_local(key_states, value_states, plan.local_plans[w], self.ropes[layer_idx])
         else:
             keys, values = layer.apply(key_states, value_states, self._plan, self.ropes[layer_idx], self.sinks)
         if hasattr(self, "attend") and not isinstance(layer, LocalLayer):
@@ -556,7 +588,7 @@ class StreamingCache(Cache):
         own = isinstance(layer, LocalLayer)  # its own keys (key_pos None: all inside the window), or the shared ones
         key = (w, eager, own)
         if key not in masks:
-            key_pos = layer.key_pos if own else plan.key_pos
+            key_pos = plan.local_plans[w].key_pos if own else plan.key_pos
             if key_pos is None:
                 masks[key] = None
             else:
@@ -750,7 +782,9 @@ class StreamingCache(Cache):
                 for l in self.layers
             ],
             # local layers' own buffers (LocalLayer), written whole (W tokens: incremental snapshots skip them)
-            **({"local": {i: l.local_state(grab) for i, l in enumerate(self.layers) if isinstance(l, LocalLayer) and l.is_initialized}}
+            **({"local": {"tables": {w: t.state() for w, t in self.local_tables.items()},
+                          "layers": {i: {"keys": grab(l.keys[:, :, : l.table.n_used]), "values": grab(l.values[:, :, : l.table.n_used])}
+                                     for i, l in enumerate(self.layers) if isinstance(l, LocalLayer) and l.is_initialized}}}
                if self.local_own else {}),
             **({"recurrent": {i: _recurrent_state(self.layers[i]) for i in self._recurrent_protos}}
                if self._recurrent_protos else {}),
@@ -764,6 +798,8 @@ class StreamingCache(Cache):
         self._first_layer = state["first_layer"]
         self.layers = []
         cap = self.seq.numel()
+        for w, saved_table in state.get("local", {}).get("tables", {}).items():
+            self.local_tables[w].load(saved_table)
         for i, saved in enumerate(state["layers"]):
             if i in self._recurrent_protos:
                 layer = copy.deepcopy(self._recurrent_protos[i])
@@ -775,8 +811,11 @@ class StreamingCache(Cache):
                 if saved is not None:
                     raise ValueError(f"snapshot holds layer {i} in the shared buffers, this cache keeps it local (W tokens): "
                                      "it was written by an older streamkv; start the session again from its text")
-                if i in state.get("local", {}):
-                    layer.load_local(state["local"][i], self.ropes[i].slot)
+                saved_local = state.get("local", {}).get("layers", {}).get(i)
+                if saved_local is not None:
+                    layer.lazy_initialization(saved_local["keys"], saved_local["values"], layer.table.window, 0, self.ropes[i].slot)
+                    n = saved_local["keys"].shape[2]
+                    layer.keys[:, :, :n], layer.values[:, :, :n] = saved_local["keys"], saved_local["values"]
                 self.layers.append(layer)
                 continue
             if saved is not None:

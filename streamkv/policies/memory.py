@@ -99,6 +99,10 @@ class MemoryCache(StreamingCache):
         self.ram_mb, self.store_dir = ram_mb, store_dir
         self.reserved = topk * block if placement == "contiguous" else 1
         super().__init__(model, budget=sinks + window + block - 1, sinks=sinks)
+        # the layers whose evicted tokens go to the store: all but local layers, which keep their own window;
+        # a stored block holds their parts in this order
+        self.stored_layers = [i for i in range(self.n_layers) if i not in self.local_own]
+        self._parts = {layer: j for j, layer in enumerate(self.stored_layers)}
         self.model_config = model.config.get_text_config()
         self.store = BlockStore(store_dir, ram_mb * 2**20, tag=uuid.uuid4().hex)
         self.index: list[torch.Tensor | None] = []  # per layer: representatives [H, capacity, reps, D] at position 0
@@ -110,14 +114,6 @@ class MemoryCache(StreamingCache):
     # ---- what is kept -------------------------------------------------------------------------------
     def recent_tokens(self, budget: int, sinks: int) -> int:
         return self.window  # evicting in whole blocks leaves W..W+B-1 recent tokens
-
-    @property
-    def stored_layers(self) -> list[int]:
-        """The layers whose evicted tokens go to the store (all but local layers, which keep their window)."""
-        if getattr(self, "_stored", None) is None:
-            self._stored = [i for i in range(self.n_layers) if i not in self.local_own]
-            self._parts = {l: j for j, l in enumerate(self._stored)}
-        return self._stored
 
     def keep_mask(self, seq: torch.Tensor) -> torch.Tensor:
         """Sinks, and the recent tokens: evict the oldest in whole blocks, leaving W..W+B-1 of them."""
@@ -293,7 +289,7 @@ class MemoryCache(StreamingCache):
 
     def _part(self, layer_idx: int) -> int:
         """Which part of a stored block is layer `layer_idx`'s (blocks hold the stored layers only)."""
-        return self._parts[layer_idx] if self.local_own and self.stored_layers else layer_idx
+        return self._parts[layer_idx]
 
     def _index_append(self, layer_idx: int, block_id: int, rep: torch.Tensor) -> None:
         while len(self.index) <= layer_idx:
