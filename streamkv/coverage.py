@@ -236,7 +236,8 @@ def reference_stream(model, ids: torch.Tensor, sinks: int, window: int, chunks: 
         out = model(input_ids=ids[:, start : start + q], position_ids=pos, past_key_values=cache, use_cache=True)
         outs.append(out.logits[0].float())
         carried = {i: layer for i, layer in enumerate(cache.layers) if isinstance(layer, LinearAttentionCacheLayerMixin)}
-        layers = [None if i in carried else (layer.keys[:, :, -q:], layer.values[:, :, -q:]) for i, layer in enumerate(cache.layers)]
+        layers = [None if i in carried or getattr(layer, "keys", None) is None  # recurrent, or no attention at all
+                  else (layer.keys[:, :, -q:], layer.values[:, :, -q:]) for i, layer in enumerate(cache.layers)]
         for j in range(q):
             fed[start + j] = [None if kv is None else (kv[0][:, :, j : j + 1].clone(), kv[1][:, :, j : j + 1].clone())
                               for kv in layers]
@@ -426,7 +427,9 @@ _REASON_GROUPS = [
     ("has no rotary position embedding", "absolute positions (learned / sinusoidal), no RoPE"),
     ("fails with one at position", "absolute positions (a position table)"),
     ("in a way that is not a rotation", "absolute positions (learned / sinusoidal), no RoPE"),
-    ("do not depend on the position_ids", "positions not driven by position_ids (cache-length numbering, ALiBi, biases)"),
+    ("fails when a token is fed after cached ones", "its own forward fails with a standard cache"),
+    ("numbers tokens by the length of its cache", "absolute positions numbered by the cache's length (a position table)"),
+    ("biases computed from each key's index", "attention biases by the key's index, computed outside the attention interface (ALiBi, buckets)"),
     ("give other logits", "outputs depend on the absolute position beyond RoPE"),
     ("values change with the token's position", "position-dependent values"),
     ("encoder-decoder", "encoder-decoder"),
@@ -439,10 +442,14 @@ NOTES = [
     "state (SSM, convolution or linear attention) get transformers' own cache layer, carried unchanged through "
     "the stream and saved in snapshots; the slot table serves the attention layers. The reference carries each "
     "recurrent layer's state across its steps too (the sinks' re-run does not touch it). `sink` and `window` "
-    "only: the other policies refuse hybrids. Still refused: layers holding KV *and* a recurrent state in one "
-    "cache layer (Falcon-H1, Zamba, Zaya, Inkling), and hybrids whose attention has no positional encoding at "
-    "all (Jamba, Nemotron-H, Granite 4 hybrid, Kimi Linear: the probe finds keys that ignore position_ids and "
-    "cannot tell them from ALiBi, so it refuses; streaming them would need only order, not rotation).",
+    "only: the other policies refuse hybrids. Hybrids whose attention has no positional encoding at all (Jamba, "
+    "Nemotron-H, Granite 4 hybrid, Kimi Linear: their recurrent layers give order) stream with every attention "
+    "layer NoPE: the probe finds keys that ignore position_ids, checks that the first layer's input does not "
+    "change with the cache's length (a position table numbered by it: BART-style, Musicgen) and that reversing "
+    "the cached keys does not change the logits (biases by the key's index: ALiBi in BLOOM and MPT, buckets in "
+    "CPM-Ant, computed by the model outside transformers' attention interface, where streamkv's slots, not in "
+    "stream order, cannot give them by place: refused). Still refused: layers holding KV *and* a recurrent "
+    "state in one cache layer (Falcon-H1, Zamba, Zaya, Inkling).",
     "Beam (`beam`): with its per-layer-type frequencies found, streaming it came within the tolerance (9e-5 of "
     "the logits' scale, 100x float noise), because its NoPE layers scale queries by `(1 + position / 2048) ** "
     "0.1`: a token's output depends on its absolute position, which streamkv chooses (positions restart). The "

@@ -15,8 +15,8 @@ Models differ in how they rotate, and layers of one model may differ too, so eve
   MiniCPM3, GLM-4 MoE Lite) caches its position-free latent in the key slot and the shared rotated rope
   key in the value slot, and expands both inside attention;
 * how dims pair up: rotate-half (i, i + r/2) (Llama) or interleaved (2i, 2i + 1) (GPT-J, GLM, Cohere);
-* or no rotation at all: a NoPE layer (SmolLM3's every 4th layer, the global layers of EXAONE 4) keeps
-  its keys as computed; only their order matters.
+* or no rotation at all: a NoPE layer (SmolLM3's every 4th layer, the global layers of EXAONE 4, every
+  attention layer of Jamba, Nemotron-H, Granite 4 hybrids) keeps its keys as computed.
 
 Nothing of this is read from the modeling code. `rope_layers(model)` collects the candidate frequencies,
 then *proves* each layer's description by a probe: a single token is fed at position 0 and at positions d
@@ -193,14 +193,13 @@ def _probe(model: torch.nn.Module) -> list[RopeSpec | None]:
     sources = _frequency_sources(model)
     if not sources:
         if any(moves(i, 0) or moves(i, 1) for i in attention):
-            what = ("has no rotary position embedding (RoPE): its keys change with position without one (learned or "
-                    "sinusoidal absolute positions added to the hidden states: GPT-2, OPT, BERT-style)")
-        else:
-            what = f"has keys that do not depend on the position_ids it is fed: {_why_keys_ignore_position(model)}"
-        raise UnsupportedModelError(
-            f"{_describe(model)} {what}. streamkv gives cached tokens their place in the cache by re-rotating keys, "
-            "which needs RoPE driven by position_ids. Use a RoPE model (Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, Gemma, ...)."
-        )
+            raise UnsupportedModelError(
+                f"{_describe(model)} has no rotary position embedding (RoPE): its keys change with position without one "
+                "(learned or sinusoidal absolute positions added to the hidden states: GPT-2, OPT, BERT-style). streamkv "
+                "gives cached tokens their place in the cache by re-rotating keys, which needs RoPE driven by "
+                "position_ids. Use a RoPE model (Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, Gemma, ...)."
+            )
+        return _position_free(model, cfg, base)
     layer_types = getattr(cfg, "layer_types", None) or []
     made: dict[tuple, RopeSpec] = {}  # one spec object per distinct description, shared by its layers
     specs: list[RopeSpec | None] = [None] * len(base)
@@ -221,25 +220,130 @@ def _probe(model: torch.nn.Module) -> list[RopeSpec | None]:
                 "cached tokens by rotating them, so it cannot stream this model."
             )
         specs[i] = fit
-    if not any(spec.rotates for spec in specs if spec is not None):
-        raise UnsupportedModelError(
-            f"{_describe(model)}: no layer's keys depend on the position_ids, although the model has rotary frequencies "
-            f"({', '.join(name for name, *_ in sources)}): {_why_keys_ignore_position(model)}. streamkv cannot re-place "
-            "its tokens; refused rather than streamed wrongly."
-        )
+    if not any(spec.rotates for spec in specs if spec is not None):  # frequencies held but never used on keys
+        return _position_free(model, cfg, base)
     _check_translation(model, cfg)
     return specs
 
 
-def _why_keys_ignore_position(model) -> str:
-    """Why a model's keys do not change with the position_ids it is fed (for the refusal message)."""
+def _position_free(model, cfg, base: list[torch.Tensor | None]) -> list[RopeSpec | None]:
+    """No layer's keys or values depend on the position_ids. Three kinds of model look like that from the cache:
+
+    * no positional encoding in attention at all (the attention layers of Jamba, Nemotron-H, Granite 4
+      hybrids, Kimi Linear: their recurrent layers give order). Attention is then a function of the *set* of
+      cached keys, so kept tokens need no re-placing and the slot table's order does not matter: every
+      attention layer is NoPE to streamkv;
+    * biases computed inside attention from each key's index in the cache (ALiBi: BLOOM, MPT; relative
+      buckets: CPM-Ant). StreamingLLM streamed MPT by place, but these models compute the bias themselves,
+      outside transformers' attention interface, from the index of a key in the buffer, and streamkv's slot
+      table keeps tokens in slots, not in stream order. Refused;
+    * the model numbers tokens by the length of its cache and adds a position embedding to the hidden states
+      (BART-style decoders, Musicgen): a kept token would carry its old number forever and every new token
+      the same one once the cache is full. Refused.
+
+    Told apart by behaviour: the hidden state entering the first decoder layer for one token fed alone and
+    after three copies of itself (the same unless positions are numbered by the cache's length), and the next
+    token's logits with every layer's cached keys and values reversed (the same unless a bias depends on the
+    key's index)."""
     absolute = [name for name, m in model.named_modules()
                 if isinstance(m, torch.nn.Embedding) and any(w in name.rsplit(".", 1)[-1] for w in ("pos", "wpe"))]
-    if absolute:
-        return (f"it ignores them and numbers tokens by the length of its cache, looking positions up in a table "
-                f"({absolute[0]})")
-    return ("positions do not reach its keys: they enter as attention biases (ALiBi: BLOOM, MPT; relative position "
-            "buckets: CPM-Ant) or not at all")
+    try:  # both checks feed tokens after cached ones, which the single-token probe never did
+        moved = _input_moves_with_cache_length(model, cfg)
+        order = _key_order_effect(model, cfg)
+    except Exception as e:  # noqa: BLE001 - the model's own forward failed with a standard cache
+        raise UnsupportedModelError(
+            f"{_describe(model)} fails when a token is fed after cached ones with a standard transformers DynamicCache "
+            f"({_first_line(e)}); streamkv's caches are standard Caches, so it cannot stream this model."
+        ) from None
+    if absolute or moved is None or moved:
+        where = (f"looking positions up in a table ({absolute[0]})" if absolute else
+                 "its first layer's input changes with the length of the cache" if moved else
+                 "and streamkv could not find its first decoder layer to check that positions do not reach it")
+        raise UnsupportedModelError(
+            f"{_describe(model)} has keys that do not depend on the position_ids it is fed: it numbers tokens by the "
+            f"length of its cache, {where}. A bounded cache would leave every kept token its old number and give "
+            "every new token the same one once full; streamkv places tokens by re-rotating keys, which needs RoPE "
+            "driven by position_ids (or no positions at all: NoPE). Use a RoPE model "
+            "(Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, Gemma, ...)."
+        )
+    err, scale = order
+    if err > _tolerance(torch.tensor([scale], dtype=model.dtype)) * (scale + 1e-6) + 1e-5:
+        raise UnsupportedModelError(
+            f"{_describe(model)} has keys that do not depend on the position_ids it is fed: positions enter its "
+            "attention as biases computed from each key's index in the cache (ALiBi: BLOOM, MPT; relative position "
+            f"buckets: CPM-Ant): reordering the cached keys changes its logits by {err:.3g} (scale {scale:.3g}). "
+            "streamkv keeps tokens in slots, not in stream order, and such a model computes the biases itself, "
+            "outside transformers' attention interface, so streamkv cannot give them by place; refused rather than "
+            "streamed wrongly. Use a RoPE model (Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, Gemma, ...)."
+        )
+    _check_translation(model, cfg)
+    return [RopeSpec(head_dim=k.shape[-1]) if k is not None else None for k in base]
+
+
+@torch.inference_mode()
+def _key_order_effect(model, cfg) -> tuple[float, float]:
+    """How much the next token's logits change when every attention layer's cached keys and values are put
+    in reverse order (and the logits' scale). Zero for attention without positions (a set of keys), large
+    when a bias depends on the key's index in the cache: streamkv's slot table keeps tokens in slots, so a
+    position-free model streams only if the order of its cached keys does not matter."""
+    import copy
+
+    from transformers import DynamicCache
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    ids = torch.tensor([[min(t, cfg.vocab_size - 1) for t in (7, 11, 13, 17, 19)]], device=model.device)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :4], past_key_values=cache, use_cache=True)
+    flipped = copy.deepcopy(cache)
+    for layer in flipped.layers:
+        if getattr(layer, "keys", None) is not None and not isinstance(layer, LinearAttentionCacheLayerMixin):
+            layer.keys, layer.values = layer.keys.flip(-2), layer.values.flip(-2)
+    ref = model(input_ids=ids[:, 4:], past_key_values=cache, use_cache=True).logits.float()
+    got = model(input_ids=ids[:, 4:], past_key_values=flipped, use_cache=True).logits.float()
+    return (got - ref).abs().max().item(), ref.abs().max().item()
+
+
+def _first_decoder_layer(model, cfg) -> torch.nn.Module | None:
+    """The first module of the first ModuleList holding one module per hidden layer (the decoder layers)."""
+    n = getattr(cfg, "num_hidden_layers", None)
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == n and not isinstance(m[0], (torch.nn.Linear, torch.nn.Embedding)):
+            return m[0]
+    return None
+
+
+@torch.inference_mode()
+def _input_moves_with_cache_length(model, cfg) -> bool | None:
+    """Does the hidden state entering the first decoder layer for a token depend on how many tokens the
+    cache already holds? (None: no decoder layer found.) Observed with a forward pre-hook, removed after."""
+    from transformers import DynamicCache
+
+    first = _first_decoder_layer(model, cfg)
+    if first is None:
+        return None
+    seen: list[torch.Tensor] = []
+
+    def grab(_module, args, kwargs):  # [batch, q, hidden] -> the last token's [batch, hidden]
+        h = args[0] if args else kwargs.get("hidden_states")
+        ok = isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[1] > 0
+        seen.append(h[:, -1].float().clone() if ok else None)
+
+    token = min(7, cfg.vocab_size - 1)
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for n_before in (0, 3):
+            cache = DynamicCache(config=model.config)
+            if n_before:
+                model(input_ids=torch.full((1, n_before), token, device=model.device), past_key_values=cache, use_cache=True)
+            seen.clear()
+            model(input_ids=torch.full((1, 1), token, device=model.device), past_key_values=cache, use_cache=True)
+            if n_before == 0:
+                alone = seen[-1]
+    finally:
+        handle.remove()
+    if alone is None or seen[-1] is None or alone.shape != seen[-1].shape:
+        return None  # not the [batch, tokens, hidden] this check reads: cannot tell
+    return not _close(alone, seen[-1], alone)
 
 
 @torch.inference_mode()
@@ -394,6 +498,10 @@ def _fit_layer(model, layer, kind, k0, shifted, sources, made) -> RopeSpec:
     )
 
 
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
 @torch.inference_mode()
 def _single_token_kv(model, position: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Every layer's cached (key, value) for one token fed at `position` (None: a layer that stores none,
@@ -407,7 +515,7 @@ def _single_token_kv(model, position: int) -> list[tuple[torch.Tensor, torch.Ten
     try:
         model(input_ids=token, position_ids=torch.tensor([[position]], device=model.device), past_key_values=cache, use_cache=True)
     except Exception as e:  # noqa: BLE001 - any failure here means: not drivable through a standard Cache
-        first = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        first = _first_line(e)
         if position:
             raise UnsupportedModelError(
                 f"{_describe(model)} runs with a token at position 0 but fails with one at position {position} ({first}): "

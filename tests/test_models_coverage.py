@@ -29,6 +29,7 @@ import torch
 from tiny import make_tiny
 
 from streamkv import coverage, make_policy
+from streamkv import rope
 from streamkv.rope import UnsupportedModelError, rope_layers
 
 TABLE = Path(__file__).resolve().parent.parent / "docs" / "models.md"
@@ -70,12 +71,15 @@ MUST_STREAM = ["llama", "mistral", "qwen2", "phi3", "gpt_neox", "gemma2", "gemma
                "mellum", "laguna", "mimo_v2_flash", "modernbert-decoder", "smollm3", "exaone4", "llama4_text", "glm",
                "glm4", "cohere", "cohere2", "ernie4_5", "helium", "gptj", "codegen", "fuyu", "got_ocr2",
                "deepseek_v2", "deepseek_v3", "minicpm3", "glm4_moe_lite", "nanochat",
-               "qwen3_next", "qwen3_5_text", "lfm2", "bamba"]  # hybrids: recurrent layers carried as they are
+               "qwen3_next", "qwen3_5_text", "lfm2", "bamba",  # hybrids: recurrent layers carried as they are
+               "jamba", "nemotron_h", "granitemoehybrid", "kimi_linear"]  # ... and attention without positions
 MUST_REFUSE = {
     "gpt2": "learned or sinusoidal absolute positions",
     "opt": "learned or sinusoidal absolute positions",
-    "bloom": "ALiBi",
-    "mpt": "ALiBi",
+    "bloom": "biases computed from each key's index in the cache (ALiBi",
+    "mpt": "biases computed from each key's index in the cache (ALiBi",
+    "bart": "numbers tokens by the length of its cache",
+    "musicgen": "its first layer's input changes with the length of the cache",
     "deepseek_v32": "sparse-attention indexer",
     "falcon_h1": "a recurrent state (SSM, convolution or linear attention) in one cache layer",
     "mamba": "recurrent in every layer",
@@ -131,6 +135,29 @@ def test_layers_rotate_with_their_own_frequencies():
     assert smol[0].rotates and not smol[1].rotates
     cache = make_policy("sink", coverage.tiny_model("olmo3"), sinks=2, window=6)
     assert cache.rope is cache.rope_for_layer(0)
+
+
+def test_position_free_attention_is_told_from_alibi_and_position_tables():
+    """Keys that ignore position_ids: Jamba's attention has no positions (its Mamba layers give order), so
+    every attention layer is NoPE and its recurrent layers have no description; BLOOM's ALiBi depends on the
+    key's index in the buffer (reversing the cached keys changes its logits) and BART numbers tokens by the
+    length of its cache: both refused, each for that reason, by the probe itself."""
+    jamba = coverage.tiny_model("jamba")
+    specs = rope_layers(jamba)
+    attention = [s for s in specs if s is not None]
+    assert attention and not any(s.rotates for s in attention) and None in specs
+    assert rope._input_moves_with_cache_length(jamba, jamba.config) is False
+    err, scale = rope._key_order_effect(jamba, jamba.config)
+    assert err < 1e-5 * scale
+    bloom = coverage.tiny_model("bloom")
+    err, scale = rope._key_order_effect(bloom, bloom.config)
+    assert err > 1e-3 * scale
+    with pytest.raises(UnsupportedModelError, match="each key's index"):
+        rope_layers(bloom)
+    bart = coverage.tiny_model("bart")
+    assert rope._input_moves_with_cache_length(bart, rope.text_config(bart.config)) is True
+    with pytest.raises(UnsupportedModelError, match="numbers tokens by the length of its cache"):
+        rope_layers(bart)
 
 
 def test_multimodal_wrapper_streams_its_text_decoder():
