@@ -224,7 +224,12 @@ def reference_stream(model, ids: torch.Tensor, sinks: int, window: int, chunks: 
             pos = torch.arange(w0 - len(sink_ids), w0)[None]
             model(input_ids=ids[:, sink_ids], position_ids=pos, past_key_values=cache, use_cache=True)
         for i, layer in carried.items():  # the sinks' re-run must not touch a recurrent state: it saw the stream
-            cache.layers[i] = layer
+            if getattr(cache.layers[i], "keys", None) is None:  # a recurrent layer: the carried one
+                cache.layers[i] = layer
+            else:  # KV and a recurrent state in one layer (Falcon-H1): the sinks' KV, the carried state
+                for f in ("conv_states", "recurrent_states", "is_conv_states_initialized",
+                          "is_recurrent_states_initialized", "has_previous_state", "conv_kernel_size", "dtype", "device"):
+                    setattr(cache.layers[i], f, getattr(layer, f))
         if win:
             for layer_idx in range(len(fed[win[0]])):
                 if fed[win[0]][layer_idx] is None:  # a recurrent layer: no keys
@@ -236,7 +241,7 @@ def reference_stream(model, ids: torch.Tensor, sinks: int, window: int, chunks: 
         out = model(input_ids=ids[:, start : start + q], position_ids=pos, past_key_values=cache, use_cache=True)
         outs.append(out.logits[0].float())
         carried = {i: layer for i, layer in enumerate(cache.layers) if isinstance(layer, LinearAttentionCacheLayerMixin)}
-        layers = [None if i in carried or getattr(layer, "keys", None) is None  # recurrent, or no attention at all
+        layers = [None if getattr(layer, "keys", None) is None  # recurrent, or no attention at all
                   else (layer.keys[:, :, -q:], layer.values[:, :, -q:]) for i, layer in enumerate(cache.layers)]
         for j in range(q):
             fed[start + j] = [None if kv is None else (kv[0][:, :, j : j + 1].clone(), kv[1][:, :, j : j + 1].clone())
@@ -429,7 +434,7 @@ _REASON_GROUPS = [
     ("in a way that is not a rotation", "absolute positions (learned / sinusoidal), no RoPE"),
     ("fails when a token is fed after cached ones", "its own forward fails with a standard cache"),
     ("numbers tokens by the length of its cache", "absolute positions numbered by the cache's length (a position table)"),
-    ("biases computed from each key's index", "attention biases by the key's index, computed outside the attention interface (ALiBi, buckets)"),
+    ("biases computed from each key's index", "attention biases by the key's index, computed outside the attention interface (ALiBi, relative biases)"),
     ("give other logits", "outputs depend on the absolute position beyond RoPE"),
     ("values change with the token's position", "position-dependent values"),
     ("encoder-decoder", "encoder-decoder"),
@@ -444,12 +449,14 @@ NOTES = [
     "recurrent layer's state across its steps too (the sinks' re-run does not touch it). `sink` and `window` "
     "only: the other policies refuse hybrids. Hybrids whose attention has no positional encoding at all (Jamba, "
     "Nemotron-H, Granite 4 hybrid, Kimi Linear: their recurrent layers give order) stream with every attention "
-    "layer NoPE: the probe finds keys that ignore position_ids, checks that the first layer's input does not "
-    "change with the cache's length (a position table numbered by it: BART-style, Musicgen) and that reversing "
-    "the cached keys does not change the logits (biases by the key's index: ALiBi in BLOOM and MPT, buckets in "
-    "CPM-Ant, computed by the model outside transformers' attention interface, where streamkv's slots, not in "
-    "stream order, cannot give them by place: refused). Still refused: layers holding KV *and* a recurrent "
-    "state in one cache layer (Falcon-H1, Zamba, Zaya, Inkling).",
+    "layer NoPE: the probe finds keys that ignore position_ids and checks that the first layer's input does not "
+    "change with the cache's length (a position table numbered by it: BART-style, Musicgen). Layers holding KV "
+    "*and* a recurrent state in one cache layer (Falcon-H1, Zamba, Zamba2, Zaya) get a slot-table layer that "
+    "carries transformers' recurrent part beside it (`RecurrentStreamingLayer`); the reference re-runs the "
+    "sinks for their KV and restores the carried state. For every model the probe also reverses the cached "
+    "keys of a short prompt: a model whose next logits change computes position biases from each key's index "
+    "in the buffer, outside transformers' attention interface (ALiBi in BLOOM and MPT, relative projections in "
+    "Inkling), which streamkv's slots, not in stream order, cannot give by place: refused.",
     "Beam (`beam`): with its per-layer-type frequencies found, streaming it came within the tolerance (9e-5 of "
     "the logits' scale, 100x float noise), because its NoPE layers scale queries by `(1 + position / 2048) ** "
     "0.1`: a token's output depends on its absolute position, which streamkv chooses (positions restart). The "

@@ -25,9 +25,9 @@ description that reproduces every layer's keys is kept; a layer that no descript
 positions, ALiBi, a rotation streamkv does not know) gets the model refused with `UnsupportedModelError`
 and the reason, instead of producing garbage. Layers that keep a recurrent state instead of keys and values
 (SSM, convolution or linear attention: the hybrids) have no description (None) and are carried unchanged by
-the caches; models whose cache layers hold more than keys and values (a recurrent state beside KV in one
-layer, sparse-attention indexers) or share KV between layers are refused by the same probe, as is any model
-that cannot run with a standard transformers `DynamicCache`.
+the caches, and so is the recurrent part of layers holding both (Falcon-H1, Zamba); models whose cache
+layers hold more than keys and values (sparse-attention indexers, compressed KV) or share KV between layers
+are refused by the same probe, as is any model that cannot run with a standard transformers `DynamicCache`.
 """
 from __future__ import annotations
 
@@ -222,6 +222,7 @@ def _probe(model: torch.nn.Module) -> list[RopeSpec | None]:
         specs[i] = fit
     if not any(spec.rotates for spec in specs if spec is not None):  # frequencies held but never used on keys
         return _position_free(model, cfg, base)
+    _check_key_order(model, cfg)
     _check_translation(model, cfg)
     return specs
 
@@ -247,14 +248,7 @@ def _position_free(model, cfg, base: list[torch.Tensor | None]) -> list[RopeSpec
     key's index)."""
     absolute = [name for name, m in model.named_modules()
                 if isinstance(m, torch.nn.Embedding) and any(w in name.rsplit(".", 1)[-1] for w in ("pos", "wpe"))]
-    try:  # both checks feed tokens after cached ones, which the single-token probe never did
-        moved = _input_moves_with_cache_length(model, cfg)
-        order = _key_order_effect(model, cfg)
-    except Exception as e:  # noqa: BLE001 - the model's own forward failed with a standard cache
-        raise UnsupportedModelError(
-            f"{_describe(model)} fails when a token is fed after cached ones with a standard transformers DynamicCache "
-            f"({_first_line(e)}); streamkv's caches are standard Caches, so it cannot stream this model."
-        ) from None
+    moved = _after_cached_tokens(model, _input_moves_with_cache_length, cfg)
     if absolute or moved is None or moved:
         where = (f"looking positions up in a table ({absolute[0]})" if absolute else
                  "its first layer's input changes with the length of the cache" if moved else
@@ -266,18 +260,36 @@ def _position_free(model, cfg, base: list[torch.Tensor | None]) -> list[RopeSpec
             "driven by position_ids (or no positions at all: NoPE). Use a RoPE model "
             "(Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, Gemma, ...)."
         )
-    err, scale = order
-    if err > _tolerance(torch.tensor([scale], dtype=model.dtype)) * (scale + 1e-6) + 1e-5:
-        raise UnsupportedModelError(
-            f"{_describe(model)} has keys that do not depend on the position_ids it is fed: positions enter its "
-            "attention as biases computed from each key's index in the cache (ALiBi: BLOOM, MPT; relative position "
-            f"buckets: CPM-Ant): reordering the cached keys changes its logits by {err:.3g} (scale {scale:.3g}). "
-            "streamkv keeps tokens in slots, not in stream order, and such a model computes the biases itself, "
-            "outside transformers' attention interface, so streamkv cannot give them by place; refused rather than "
-            "streamed wrongly. Use a RoPE model (Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, Gemma, ...)."
-        )
+    _check_key_order(model, cfg)
     _check_translation(model, cfg)
     return [RopeSpec(head_dim=k.shape[-1]) if k is not None else None for k in base]
+
+
+def _after_cached_tokens(model, check, *args):
+    """Run a check that feeds tokens after cached ones (the single-token probe never does): a model whose own
+    forward fails there with a standard cache is refused."""
+    try:
+        return check(model, *args)
+    except Exception as e:  # noqa: BLE001 - the model's own forward failed with a standard cache
+        raise UnsupportedModelError(
+            f"{_describe(model)} fails when a token is fed after cached ones with a standard transformers DynamicCache "
+            f"({_first_line(e)}); streamkv's caches are standard Caches, so it cannot stream this model."
+        ) from None
+
+
+def _check_key_order(model, cfg) -> None:
+    """streamkv's slot table keeps tokens in slots, not in stream order: refuse a model whose attention
+    depends on the order of its cached keys (a bias from each key's index, computed by the model itself)."""
+    err, scale = _after_cached_tokens(model, _key_order_effect, cfg)
+    if err > _tolerance(torch.tensor([scale], dtype=model.dtype)) * (scale + 1e-6) + 1e-5:
+        raise UnsupportedModelError(
+            f"{_describe(model)}: positions enter its attention as biases computed from each key's index in the cache "
+            "(ALiBi: BLOOM, MPT; relative position buckets or projections: CPM-Ant, Inkling): reordering the cached "
+            f"keys changes its logits by {err:.3g} (scale {scale:.3g}). streamkv keeps tokens in slots, not in stream "
+            "order, and such a model computes the biases itself, outside transformers' attention interface, so "
+            "streamkv cannot give them by place; refused rather than streamed wrongly. Use a RoPE model (Llama, "
+            "Mistral, Qwen2, Phi-3, GPT-NeoX, Gemma, ...)."
+        )
 
 
 @torch.inference_mode()
@@ -289,15 +301,14 @@ def _key_order_effect(model, cfg) -> tuple[float, float]:
     import copy
 
     from transformers import DynamicCache
-    from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
     ids = torch.tensor([[min(t, cfg.vocab_size - 1) for t in (7, 11, 13, 17, 19)]], device=model.device)
     cache = DynamicCache(config=model.config)
     model(input_ids=ids[:, :4], past_key_values=cache, use_cache=True)
     flipped = copy.deepcopy(cache)
-    for layer in flipped.layers:
-        if getattr(layer, "keys", None) is not None and not isinstance(layer, LinearAttentionCacheLayerMixin):
-            layer.keys, layer.values = layer.keys.flip(-2), layer.values.flip(-2)
+    for layer in flipped.layers:  # the KV of attention layers (a recurrent state beside it stays as it is)
+        if getattr(layer, "keys", None) is not None:
+            layer.keys, layer.values = layer.keys.flip(-2), layer.values.flip(-2)  # [B, H, T, D], T reversed
     ref = model(input_ids=ids[:, 4:], past_key_values=cache, use_cache=True).logits.float()
     got = model(input_ids=ids[:, 4:], past_key_values=flipped, use_cache=True).logits.float()
     return (got - ref).abs().max().item(), ref.abs().max().item()
@@ -525,14 +536,9 @@ def _single_token_kv(model, position: int) -> list[tuple[torch.Tensor, torch.Ten
             f"{_describe(model)} does not run with a standard transformers DynamicCache ({first}); streamkv's caches "
             "are standard Caches, so it cannot stream this model (it needs a cache class of its own)."
         ) from None
-    recurrent = [i for i, layer in enumerate(cache.layers) if isinstance(layer, LinearAttentionCacheLayerMixin)]
-    both = [i for i in recurrent if isinstance(cache.layers[i], DynamicLayer)]
-    if both:
-        raise UnsupportedModelError(
-            f"{_describe(model)} is a hybrid whose {_layer_list(both)} hold keys and values *and* a recurrent "
-            "state (SSM, convolution or linear attention) in one cache layer; streamkv carries recurrent state only "
-            "in layers of their own (Qwen3-Next, LFM2, Bamba, ...), not beside a streamed attention cache."
-        )
+    # layers holding a recurrent state and no KV; those holding both (Falcon-H1, Zamba) stream their KV
+    recurrent = [i for i, layer in enumerate(cache.layers)
+                 if isinstance(layer, LinearAttentionCacheLayerMixin) and getattr(layer, "keys", None) is None]
     if recurrent and len(recurrent) == len(cache.layers):
         raise UnsupportedModelError(
             f"{_describe(model)} is recurrent in every layer (SSM, convolution or linear attention): its state is "

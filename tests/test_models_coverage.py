@@ -72,7 +72,8 @@ MUST_STREAM = ["llama", "mistral", "qwen2", "phi3", "gpt_neox", "gemma2", "gemma
                "glm4", "cohere", "cohere2", "ernie4_5", "helium", "gptj", "codegen", "fuyu", "got_ocr2",
                "deepseek_v2", "deepseek_v3", "minicpm3", "glm4_moe_lite", "nanochat",
                "qwen3_next", "qwen3_5_text", "lfm2", "bamba",  # hybrids: recurrent layers carried as they are
-               "jamba", "nemotron_h", "granitemoehybrid", "kimi_linear"]  # ... and attention without positions
+               "jamba", "nemotron_h", "granitemoehybrid", "kimi_linear",  # ... and attention without positions
+               "falcon_h1", "zamba", "zamba2", "zaya"]  # ... and KV beside a recurrent state in one layer
 MUST_REFUSE = {
     "gpt2": "learned or sinusoidal absolute positions",
     "opt": "learned or sinusoidal absolute positions",
@@ -81,7 +82,7 @@ MUST_REFUSE = {
     "bart": "numbers tokens by the length of its cache",
     "musicgen": "its first layer's input changes with the length of the cache",
     "deepseek_v32": "sparse-attention indexer",
-    "falcon_h1": "a recurrent state (SSM, convolution or linear attention) in one cache layer",
+    "inkling_text": "biases computed from each key's index in the cache",
     "mamba": "recurrent in every layer",
     "minimax": "standard transformers DynamicCache",
     "gemma3n_text": "shares KV between layers",
@@ -185,10 +186,11 @@ def test_refusal_says_what_to_do():
         make_policy("sink", coverage.tiny_model("gpt2"))
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "lfm2"])
+@pytest.mark.parametrize("model_type", ["qwen3_next", "lfm2", "falcon_h1", "zamba2"])
 def test_hybrid_recurrent_state_is_saved_and_restored_exactly(model_type):
     """A hybrid's recurrent layers carry the whole stream's state: a session restored from a snapshot (through
-    torch.save) continues with the same logits, and one restored with that state reset does not."""
+    torch.save) continues with the same logits, and one restored with that state reset does not. Falcon-H1
+    and Zamba2 hold KV and the recurrent state in one layer: both parts are saved."""
     import io
 
     from streamkv.session import StreamSession
@@ -211,7 +213,8 @@ def test_hybrid_recurrent_state_is_saved_and_restored_exactly(model_type):
     assert not torch.allclose(c.feed(ids[30:]), b.logits)  # the state matters: losing it changes the output
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_next", "falcon_h1"])
 @pytest.mark.parametrize("policy", ["h2o", "memory"])
-def test_hybrids_are_refused_by_policies_that_attend_themselves(policy):
+def test_hybrids_are_refused_by_policies_that_attend_themselves(policy, model_type):
     with pytest.raises(UnsupportedModelError, match="hybrids"):
-        make_policy(policy, coverage.tiny_model("qwen3_next"))
+        make_policy(policy, coverage.tiny_model(model_type))

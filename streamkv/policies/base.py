@@ -88,7 +88,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionCacheLayerMixin, LinearAttentionLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..attention import NAMES, attends_eagerly, module_eager_attention, set_hook, use_streamkv_attention
@@ -264,6 +264,24 @@ class StreamingLayer(CacheLayerMixin):
             + self.pin_keys.numel() * self.pin_keys.element_size()
 
 
+class RecurrentStreamingLayer(StreamingLayer, LinearAttentionLayer):
+    """A hybrid layer that holds keys and values *and* a recurrent state in one cache layer (Falcon-H1, Zamba,
+    Zaya: attention and an SSM side by side in one block). Its KV is a slot-table layer like any other; its
+    recurrent state (constant-size) is transformers' own `LinearAttentionLayer` part, carried unchanged, so
+    `update_conv_state`/`update_recurrent_state` reach it as they would a `DynamicCache`'s layer."""
+
+    def __init__(self, number_of_states: int = 1, observe: bool = False):
+        StreamingLayer.__init__(self, observe)
+        LinearAttentionCacheLayerMixin.__init__(self, number_of_states=number_of_states)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        # the slot table calls it with (keys, values, capacity, sinks, slot); the recurrent part with keywords only
+        if args:
+            StreamingLayer.lazy_initialization(self, *args, **kwargs)
+        else:
+            LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+
 @dataclass
 class _LocalPlan:
     """One step of the local layers of one window (made once per step, on the first of them)."""
@@ -395,6 +413,9 @@ class StreamingCache(Cache):
         # hybrids: layers that keep a recurrent state (SSM, convolution, linear attention) instead of KV get
         # transformers' own cache layer, carried unchanged (constant-size); the slot table serves the rest
         self._recurrent_protos = _recurrent_layers(model)
+        # ... and layers holding KV *and* a recurrent state (Falcon-H1, Zamba): a slot-table layer that also
+        # carries the recurrent part ({layer: number of recurrent states})
+        self._combined = {i: l.number_of_states for i, l in self._recurrent_protos.items() if isinstance(l, CacheLayerMixin)}
         if self._recurrent_protos and custom:
             raise UnsupportedModelError(
                 f"policy {self.name!r} is not built for hybrids yet: layers {sorted(self._recurrent_protos)[:5]} of this "
@@ -476,10 +497,12 @@ class StreamingCache(Cache):
 
     def _fresh_layers(self) -> list:
         """One layer per index for a hybrid: its own recurrent-state layer, or an empty slot-table layer."""
-        return [copy.deepcopy(self._recurrent_protos[i]) if i in self._recurrent_protos else self._new_layer(i)
-                for i in range(self.n_layers)]
+        return [copy.deepcopy(self._recurrent_protos[i]) if i in self._recurrent_protos and i not in self._combined
+                else self._new_layer(i) for i in range(self.n_layers)]
 
     def _new_layer(self, i: int) -> "StreamingLayer":
+        if i in self._combined:  # KV and a recurrent state in one layer (Falcon-H1, Zamba)
+            return RecurrentStreamingLayer(self._combined[i], self.observe)
         return LocalLayer(self.local_tables[self.local_own[i]]) if i in self.local_own else StreamingLayer(self.observe)
 
     @property
@@ -778,7 +801,8 @@ class StreamingCache(Cache):
             "n_used": self.n_used, "seen": self.seen, "next_pos": self.next_pos, "first_layer": self._first_layer,
             "layers": [
                 {"keys": grab(l.keys[:, :, : self.n_used]), "values": grab(l.values[:, :, : self.n_used]),
-                 "pin_keys": grab(l.pin_keys)} if type(l) is StreamingLayer and l.is_initialized else None
+                 "pin_keys": grab(l.pin_keys)} if type(l) in (StreamingLayer, RecurrentStreamingLayer) and l.is_initialized
+                else None
                 for l in self.layers
             ],
             # local layers' own buffers (LocalLayer), written whole (W tokens: incremental snapshots skip them)
@@ -801,7 +825,7 @@ class StreamingCache(Cache):
         for w, saved_table in state.get("local", {}).get("tables", {}).items():
             self.local_tables[w].load(saved_table)
         for i, saved in enumerate(state["layers"]):
-            if i in self._recurrent_protos:
+            if i in self._recurrent_protos and i not in self._combined:
                 layer = copy.deepcopy(self._recurrent_protos[i])
                 _load_recurrent(layer, state["recurrent"][i])
                 self.layers.append(layer)
@@ -824,6 +848,8 @@ class StreamingCache(Cache):
                 layer.keys[:, :, : self.n_used] = saved["keys"]
                 layer.values[:, :, : self.n_used] = saved["values"]
                 layer.pin_keys.copy_(saved["pin_keys"])
+            if i in self._combined:
+                _load_recurrent(layer, state["recurrent"][i])
             self.layers.append(layer)
 
 
@@ -849,7 +875,8 @@ def _layer_windows(model, config) -> list[int | None]:
 
 def _recurrent_layers(model) -> dict:
     """{layer index: an empty transformers cache layer} for the layers of `model` that keep a recurrent state
-    (the probe in rope.py has refused models whose recurrent layers also hold KV)."""
+    (those that also hold KV, Falcon-H1's, are `CacheLayerMixin`s too: the cache serves them with a
+    `RecurrentStreamingLayer`)."""
     from transformers import DynamicCache
     from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
@@ -876,7 +903,7 @@ def _load_recurrent(layer, saved: dict) -> None:
 
 
 def _recurrent_bytes(layers) -> int:
-    return sum(t.numel() * t.element_size() for l in layers if not isinstance(l, StreamingLayer)
+    return sum(t.numel() * t.element_size() for l in layers
                for f in ("conv_states", "recurrent_states") for t in getattr(l, f, {}).values() if t is not None)
 
 
