@@ -213,8 +213,64 @@ def test_hybrid_recurrent_state_is_saved_and_restored_exactly(model_type):
     assert not torch.allclose(c.feed(ids[30:]), b.logits)  # the state matters: losing it changes the output
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "falcon_h1"])
-@pytest.mark.parametrize("policy", ["h2o", "memory"])
-def test_hybrids_are_refused_by_policies_that_attend_themselves(policy, model_type):
-    with pytest.raises(UnsupportedModelError, match="hybrids"):
-        make_policy(policy, coverage.tiny_model(model_type))
+def _stream(model, cache, ids, chunks):
+    outs, start, step = [], 0, 0
+    with torch.inference_mode():
+        while start < ids.shape[1]:
+            q = min(chunks[step % len(chunks)], ids.shape[1] - start)
+            out = model(input_ids=ids[:, start : start + q], position_ids=cache.position_ids(q), past_key_values=cache,
+                        use_cache=True)
+            outs.append(out.logits[0])
+            start, step = start + q, step + 1
+    return torch.cat(outs)
+
+
+def _hybrid_policies(model):
+    cfg = model.config.get_text_config()
+    pattern = torch.rand(cfg.num_hidden_layers, cfg.num_key_value_heads, generator=torch.Generator().manual_seed(0))
+    return {"memory": dict(sinks=2, window=8, block=4, topk=64, reselect=1, placement="contiguous"),
+            "h2o": dict(sinks=2, window=100, heavy=4), "sirllm": dict(sinks=2, window=100, heavy=4),
+            "duo": dict(sinks=2, window=100, pattern=pattern, sparsity=0.5)}
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "falcon_h1", "jamba"])
+@pytest.mark.parametrize("chunks", [[1], [5, 1, 1, 9, 1, 2]], ids=["token-by-token", "chunked"])
+def test_policies_that_attend_themselves_manage_a_hybrids_attention_layers(model_type, chunks):
+    """memory, h2o, sirllm and duo on hybrids (recurrent layers of their own: Qwen3-Next; KV beside a recurrent
+    state in one layer: Falcon-H1; attention without positions: Jamba): they attend, score and store the
+    attention layers only, and with room for the whole stream (memory: every block retrieved) they equal
+    dense fed the same chunks (Jamba's own chunked prefill differs from its token-by-token one)."""
+    model = coverage.tiny_model(model_type)
+    ids = torch.randint(3, coverage.VOCAB, (1, 60), generator=torch.Generator().manual_seed(0))
+    dense = _stream(model, make_policy("dense", model), ids, chunks)
+    for policy, params in _hybrid_policies(model).items():
+        cache = make_policy(policy, model, **params)
+        got = _stream(model, cache, ids, chunks)
+        assert (got - dense).abs().max().item() < 1e-5 * dense.abs().max().item(), policy
+        if policy == "memory":
+            attention = [i for i, spec in enumerate(cache.ropes) if spec is not None]
+            assert cache.stored_layers == attention  # Falcon-H1: every layer; the others: not the recurrent ones
+            assert len(attention) < cache.n_layers or model_type == "falcon_h1"
+            assert cache.store.n_blocks > 0
+
+
+def test_memory_on_a_hybrid_snapshots_its_blocks_and_recurrent_state(tmp_path):
+    """Falcon-H1 through `memory` past its window: a session restored from a snapshot continues with the
+    same logits (blocks on disk, the slot table, each layer's recurrent state)."""
+    import io
+
+    from streamkv.session import StreamSession
+
+    model = coverage.tiny_model("falcon_h1")
+    ids = torch.randint(3, coverage.VOCAB, (80,), generator=torch.Generator().manual_seed(1))
+    params = dict(chunk_size=5, sinks=2, window=8, block=4, topk=2, store_dir=str(tmp_path))
+    a = StreamSession(model, None, "memory", **params)
+    a.feed(ids[:60])
+    assert a.policy.store.n_blocks >= 10
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert state["policy"]["recurrent"]
+    b = StreamSession(model, None, "memory", **params)
+    b.load_state_dict(state)
+    assert torch.equal(b.feed(ids[60:]), a.feed(ids[60:]))

@@ -411,16 +411,14 @@ class StreamingCache(Cache):
                 "value slot); use sink, window or dense for it."
             )
         # hybrids: layers that keep a recurrent state (SSM, convolution, linear attention) instead of KV get
-        # transformers' own cache layer, carried unchanged (constant-size); the slot table serves the rest
+        # transformers' own cache layer, carried unchanged (constant-size); the slot table serves the rest, and
+        # a policy that attends, scores or stores manages those attention layers only
         self._recurrent_protos = _recurrent_layers(model)
         # ... and layers holding KV *and* a recurrent state (Falcon-H1, Zamba): a slot-table layer that also
         # carries the recurrent part ({layer: number of recurrent states})
         self._combined = {i: l.number_of_states for i, l in self._recurrent_protos.items() if isinstance(l, CacheLayerMixin)}
-        if self._recurrent_protos and custom:
-            raise UnsupportedModelError(
-                f"policy {self.name!r} is not built for hybrids yet: layers {sorted(self._recurrent_protos)[:5]} of this "
-                "model keep a recurrent state (SSM, convolution or linear attention); use sink or window for it."
-            )
+        # the layers that attend (and store KV): a policy that attends or keeps evicted tokens manages these only
+        self.attention_layers = [i for i, spec in enumerate(self.ropes) if spec is not None]
         config = text_config(model.config)  # multimodal wrappers nest the decoder's config
         self.n_layers = config.num_hidden_layers
         # Local (sliding-window) layers. While the cache holds no more than a layer's window, everything kept
@@ -637,7 +635,7 @@ class StreamingCache(Cache):
         if not hasattr(self, "attend") or self._plan is None:
             return
         missing = [i for i, layer in enumerate(self.layers)
-                   if layer.is_initialized and i not in self._attended and not isinstance(layer, LocalLayer)]
+                   if getattr(layer, "is_initialized", False) and i not in self._attended and not isinstance(layer, LocalLayer)]
         if missing:
             raise UnsupportedModelError(
                 f"policy {self.name!r} computes attention itself, but layers {missing[:5]} of this model did not call "

@@ -101,7 +101,7 @@ class MemoryCache(StreamingCache):
         super().__init__(model, budget=sinks + window + block - 1, sinks=sinks)
         # the layers whose evicted tokens go to the store: all but local layers, which keep their own window;
         # a stored block holds their parts in this order
-        self.stored_layers = [i for i in range(self.n_layers) if i not in self.local_own]
+        self.stored_layers = [i for i in self.attention_layers if i not in self.local_own]
         self._parts = {layer: j for j, layer in enumerate(self.stored_layers)}
         self.model_config = model.config.get_text_config()
         self.store = BlockStore(store_dir, ram_mb * 2**20, tag=uuid.uuid4().hex)
@@ -350,7 +350,7 @@ class MemoryCache(StreamingCache):
                            # saved as [n_blocks, H, r, D] (the layout snapshots have always had)
                            "index": [t[:, : self.store.n_blocks].transpose(0, 1).clone() if t is not None else None
                                      for t in self.index],
-                           "received": [l.received[:, : self.n_used].clone() if l.is_initialized and l.received is not None
+                           "received": [l.received[:, : self.n_used].clone() if getattr(l, "received", None) is not None
                                         else None for l in self.layers],
                            # fixed placement: which block sits in which slot, so a restored cache attends in the same
                            # order and continues with bit-identical logits

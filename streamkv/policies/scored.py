@@ -199,7 +199,7 @@ class ScoredCache(StreamingCache):
         return out
 
     def _last_layer_of_step(self) -> bool:
-        return len(self._attended) == self.n_layers
+        return len(self._attended) == len(self.attention_layers)
 
     # ---- introspection and persistence ---------------------------------------------------------------
     def heavy_tokens(self, layer_idx: int) -> list[list[int]]:
