@@ -165,6 +165,21 @@ def test_sirllm_scores_are_surprisal_decayed_per_turn():
             assert abs(vals[t] - 0.25 * surprisal[t]) < 1e-4
 
 
+def test_sirllm_scores_a_stream_fed_one_token_at_a_time():
+    """A first chunk of a single token has no prediction before it (surprisal 0); every later token's value is
+    still its surprisal (this crashed once: the empty prediction was taken for the whole chunk)."""
+    model = make_tiny("llama", layers=2)
+    ids = random_ids(20, seed=7)
+    cache = make_policy("sirllm", model, sinks=2, window=4, heavy=14)
+    StreamSession(model, None, cache, chunk_size=1).feed(ids[0])
+    logp = torch.log_softmax(model(ids).logits[0], dim=-1)
+    hs = cache.sets[0]
+    assert hs.n == 20 - 2 - 4
+    for j in range(hs.n):
+        t = int(hs.seq[0, j])
+        assert abs(hs.value[0, j].item() + logp[t - 1, ids[0, t]].item()) < 1e-4
+
+
 def test_sirllm_keeps_the_most_surprising_tokens():
     model = make_tiny("llama", layers=2)
     ids = random_ids(80, seed=7)

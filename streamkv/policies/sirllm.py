@@ -29,8 +29,8 @@ class SirLLMCache(ScoredCache):
         """ids [q] just fed, logits [q, V] after each of them, previous [V] the logits before the first (None
         at the start of the stream: the first token gets surprisal 0)."""
         q = ids.numel()
-        pred = logits[:-1] if previous is None else torch.cat([previous[None].to(logits), logits[:-1]])  # [q or q-1, V]
-        surprisal = -torch.log_softmax(pred.float(), dim=-1).gather(1, ids[-pred.shape[0]:, None].to(pred.device))[:, 0]
+        pred = logits[:-1] if previous is None else torch.cat([previous[None].to(logits), logits[:-1]])  # [q or q-1, V] (q-1: none for a first chunk of one token)
+        surprisal = -torch.log_softmax(pred.float(), dim=-1).gather(1, ids[q - pred.shape[0]:, None].to(pred.device))[:, 0]
         if previous is None:
             surprisal = torch.cat([surprisal.new_zeros(1), surprisal])
         self.set_token_values(self.seen - q, surprisal.cpu())
