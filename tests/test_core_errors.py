@@ -98,15 +98,16 @@ def test_dynamic_rope_refused():
 
 
 def test_budget_beyond_a_sliding_window():
-    """sink/window/memory keep a local layer's window (tests/test_core_local_windows.py); the other policies
-    that attend by themselves refuse, saying why and what to do; a budget inside the window needs no mask."""
+    """Every built-in policy keeps a local layer's window (tests/test_core_local_windows.py); those that attend
+    by themselves refuse a window narrower than the local one, saying which to choose; a budget inside the
+    window needs no mask."""
     cfg = MistralConfig(num_hidden_layers=1, num_key_value_heads=2, sliding_window=16, **COMMON)
     m = MistralForCausalLM(cfg).eval()
     assert make_policy("sink", m, sinks=4, window=60).local_windows == {0: 16}
-    assert make_policy("memory", m, sinks=4, window=60).local_own == {0: 16}
-    for name in ("h2o", "sirllm"):
-        with pytest.raises(UnsupportedModelError, match=f"sliding window of 16 tokens.*policy '{name}' attends by itself"):
-            make_policy(name, m, sinks=4, window=60)
+    for name in ("memory", "h2o", "sirllm"):
+        assert make_policy(name, m, sinks=4, window=60).local_own == {0: 16}
+        with pytest.raises(UnsupportedModelError, match="sliding window of 16 tokens.*choose window >= 15"):
+            make_policy(name, m, sinks=4, window=12)
     assert make_policy("sink", m, sinks=4, window=10).local_windows == {}  # fits inside the model's own window
 
 

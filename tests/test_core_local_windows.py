@@ -150,13 +150,52 @@ def test_a_snapshot_of_local_layers_continues_identically(chunk):
         assert torch.equal(a.feed(ids[0, t : t + 1]), b.feed(ids[0, t : t + 1]))
 
 
-def test_scored_policies_refuse_beyond_a_local_window():
+def test_policies_that_attend_themselves_need_a_window_covering_the_local_one():
     model = gemma3(layers=2)
-    for name, kw in (("h2o", {"sinks": 4, "window": 16, "heavy": 4}), ("sirllm", {"sinks": 4, "window": 16, "heavy": 4})):
-        with pytest.raises(Exception, match="does not mask local layers yet"):
+    for name, kw in (("h2o", {"sinks": 4, "window": W - 2, "heavy": 4}), ("sirllm", {"sinks": 4, "window": W - 2, "heavy": 4}),
+                     ("memory", {"sinks": 4, "window": W - 2, "block": 4, "topk": 2})):
+        with pytest.raises(Exception, match=f"choose window >= {W - 1}"):
             make_policy(name, model, **kw)
-    with pytest.raises(Exception, match=f"choose window >= {W - 1}"):  # memory: its window must cover the local one
-        make_policy("memory", model, sinks=4, window=W - 2, block=4, topk=2)
+    with pytest.raises(Exception, match="does not mask local layers yet"):  # duo: its head runs cover every layer
+        make_policy("duo", model, sinks=4, window=16, pattern=torch.rand(2, 2), sparsity=0.5)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "sirllm"])
+@pytest.mark.parametrize("chunks", [[1], [7, 1, 1, 13, 1, 30]], ids=["token-by-token", "chunked"])
+def test_scored_policies_keeping_every_evicted_token_equal_dense_on_a_local_global_model(policy, chunks):
+    """h2o and sirllm on Gemma 3 past its local window: local layers keep their own window, the global layers
+    sinks + window + heavy tokens; with room for every evicted token (heavy >= evicted) that is everything, laid
+    out in stream order: equals dense (the model's own forward, its own sliding masks)."""
+    model = gemma3(layers=4)
+    ids = _ids(120, seed=8)
+    with torch.inference_mode():
+        dense = model(input_ids=ids).logits[0]
+    s = StreamSession(model, None, policy, sinks=3, window=12, heavy=120, chunk_size=max(chunks))
+    assert s.policy.local_own == {0: W, 2: W}
+    out, t = [], 0
+    while t < ids.shape[1]:
+        n = min(chunks[len(out) % len(chunks)], ids.shape[1] - t)
+        out.append(s.feed(ids[0, t : t + n], all_logits=True))
+        t += n
+    got = torch.cat(out)
+    assert (got - dense).abs().max().item() < 1e-4
+    assert s.policy.n_heavy == 120 - 3 - 12
+
+
+@pytest.mark.parametrize("policy", ["h2o", "sirllm"])
+def test_scored_policies_on_a_local_global_model_evict_and_snapshot(policy):
+    """Few heavy tokens: the global layers keep `heavy` per head, the local layers only their window, and a
+    snapshot continues identically."""
+    model = gemma3(layers=4)
+    ids = _ids(200, seed=9)
+    params = dict(sinks=4, window=16, heavy=6, chunk_size=5)
+    a = StreamSession(model, None, policy, **params)
+    a.feed(ids[0, :150])
+    assert a.policy.n_heavy == 6 and a.policy.sets[0] is None and a.policy.sets[1].n == 6
+    b = StreamSession(model, None, policy, **params)
+    b.load_state_dict(a.state_dict())
+    for t in range(150, 180):
+        assert torch.equal(a.feed(ids[0, t : t + 1]), b.feed(ids[0, t : t + 1]))
 
 
 @pytest.mark.parametrize("chunks", [[1], [7, 1, 1, 13, 1, 30]], ids=["token-by-token", "chunked"])

@@ -64,6 +64,8 @@ class ScoredCache(StreamingCache):
     name = "scored"
     keeps_evicted = True
     observe = False  # h2o turns it on: scores from attention received
+    # local layers whose window the recent tokens cover keep only that window (heavy tokens are older than it)
+    serves_local_layers = True
     uses_values = False  # sirllm turns it on: scores from a per-token value (set_token_values)
 
     def __init__(self, model, *, sinks: int, window: int, heavy: int):
@@ -199,7 +201,7 @@ class ScoredCache(StreamingCache):
         return out
 
     def _last_layer_of_step(self) -> bool:
-        return len(self._attended) == len(self.attention_layers)
+        return len(self._attended) == len(self.attention_layers) - len(self.local_own)  # local layers: not attended here
 
     # ---- introspection and persistence ---------------------------------------------------------------
     def heavy_tokens(self, layer_idx: int) -> list[list[int]]:
