@@ -473,8 +473,9 @@ NOTES = [
     "4); with a narrower policy window it is masked over the shared buffers. `memory` does the same for "
     "local layers (its window must cover theirs) and keeps its blocks for the global layers "
     "(tests/test_core_local_windows.py: equals dense on Gemma 3 with every block retrieved), and so do `h2o` "
-    "and `sirllm`, whose heavy tokens go to the global layers (equal dense with room for every evicted token). "
-    "`duo` (its head runs cover every layer) refuses a budget beyond a local window. `memory`, `h2o`, `sirllm` and `duo` refuse models that attend with their own "
+    "and `sirllm`, whose heavy tokens go to the global layers (equal dense with room for every evicted token), "
+    "and `duo`, whose retrieval heads of the global layers keep what left the window (equals dense with every "
+    "head retrieving). `memory`, `h2o`, `sirllm` and `duo` refuse models that attend with their own "
     "eager function at any budget (they compute attention as SDPA does, which would drop the soft-capping "
     "or sinks).",
     "Latent multi-head attention (DeepSeek V2/V3, MiniCPM3, GLM-4 MoE Lite, LongCat, Youtu, AXK1) caches the "

@@ -12,6 +12,7 @@ from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig, Mist
 from tiny import COMMON, VOCAB
 
 from streamkv import coverage, make_policy
+from streamkv.policies.base import StreamingCache
 from streamkv.session import StreamSession
 
 W = 8
@@ -156,8 +157,52 @@ def test_policies_that_attend_themselves_need_a_window_covering_the_local_one():
                      ("memory", {"sinks": 4, "window": W - 2, "block": 4, "topk": 2})):
         with pytest.raises(Exception, match=f"choose window >= {W - 1}"):
             make_policy(name, model, **kw)
-    with pytest.raises(Exception, match="does not mask local layers yet"):  # duo: its head runs cover every layer
-        make_policy("duo", model, sinks=4, window=16, pattern=torch.rand(2, 2), sparsity=0.5)
+    with pytest.raises(Exception, match=f"choose window >= {W - 1}"):
+        make_policy("duo", model, sinks=4, window=W - 2, pattern=torch.rand(2, 2), sparsity=0.5)
+
+    class Custom(StreamingCache):  # a policy of one's own that attends itself and says nothing of local layers
+        name = "custom"
+
+        def attend(self, layer_idx, module, query, keys, values, scaling):  # pragma: no cover - refused before
+            raise AssertionError
+
+    with pytest.raises(Exception, match="does not mask local layers yet"):
+        Custom(model, budget=20, sinks=4)
+
+
+@pytest.mark.parametrize("chunks", [[1], [7, 1, 1, 13, 1, 30]], ids=["token-by-token", "chunked"])
+def test_duo_with_every_head_retrieving_equals_dense_on_a_local_global_model(chunks):
+    """duo on Gemma 3 past its local window, every head a retrieval head (sparsity 0): the global layers keep
+    everything that left the window, the local layers their own window: equals dense."""
+    model = gemma3(layers=4)
+    ids = _ids(120, seed=10)
+    with torch.inference_mode():
+        dense = model(input_ids=ids).logits[0]
+        cache = make_policy("duo", model, sinks=3, window=12, pattern=torch.rand(4, 2), sparsity=0.0)
+        assert cache.local_own == {0: W, 2: W}
+        out, t = [], 0
+        while t < ids.shape[1]:
+            n = min(chunks[len(out) % len(chunks)], ids.shape[1] - t)
+            out.append(model(input_ids=ids[:, t : t + n], position_ids=cache.position_ids(n), past_key_values=cache,
+                             use_cache=True).logits[0])
+            t += n
+    assert (torch.cat(out) - dense).abs().max().item() < 1e-4
+    assert cache.evicted[0] is None and cache.evicted[1].n == 120 - 3 - 12  # only global layers store
+
+
+@pytest.mark.parametrize("retrieval", ["dense", "memory"])
+def test_duo_on_a_local_global_model_snapshots(retrieval):
+    """Half the heads streaming, past the local window: a snapshot continues identically."""
+    model = gemma3(layers=4)
+    ids = _ids(200, seed=11)
+    params = dict(sinks=4, window=16, pattern=torch.rand(4, 2, generator=torch.Generator().manual_seed(0)), sparsity=0.5,
+                  retrieval=retrieval, chunk_size=5, **({"block": 4, "topk": 2} if retrieval == "memory" else {}))
+    a = StreamSession(model, None, "duo", **params)
+    a.feed(ids[0, :150])
+    b = StreamSession(model, None, "duo", **params)
+    b.load_state_dict(a.state_dict())
+    for t in range(150, 180):
+        assert torch.equal(a.feed(ids[0, t : t + 1]), b.feed(ids[0, t : t + 1]))
 
 
 @pytest.mark.parametrize("policy", ["h2o", "sirllm"])

@@ -461,7 +461,8 @@ class StreamingCache(Cache):
             raise UnsupportedModelError(
                 f"layers {sorted(self.local_windows)[:5]} of this model attend within a sliding window of {w} tokens, "
                 f"but this cache keeps {budget + 1}; policy {self.name!r} attends by itself and does not mask local "
-                f"layers yet: choose a budget below {w}, or use sink, window, memory, h2o or sirllm (they mask local layers by place)."
+                f"layers yet (set serves_local_layers if it leaves them to the base): choose a budget below {w}, or a "
+                "built-in policy (sink, window, memory, h2o, sirllm, duo: their local layers keep their own window)."
             )
         super().__init__(layers=[])
         if self._recurrent_protos:  # every index exists from the start: a recurrent layer may be called first

@@ -145,6 +145,7 @@ class DuoCache(_HeadRuns, StreamingCache):
     name = "duo"
     keeps_evicted = True
     retrieval = "dense"
+    serves_local_layers = True  # local layers keep their own window (no head there can see past it)
 
     def __new__(cls, model=None, *args, retrieval: str = "dense", **kwargs):
         if retrieval not in RETRIEVAL:
@@ -252,7 +253,7 @@ class DuoCache(_HeadRuns, StreamingCache):
 
 
 class DuoMemoryCache(_HeadRuns, MemoryCache):
-    serves_local_layers = False  # its head runs cover every layer
+    serves_local_layers = True  # local layers keep their own window (no head there can see past it)
     """`duo` with retrieval="memory": streaming heads keep sinks + window, retrieval heads a block store
     (built by `make_policy("duo", ..., retrieval="memory")`)."""
 
