@@ -76,3 +76,22 @@ def test_transient_reserve_counts_the_largest_per_thread():
     # a block store's RAM tier is held, not copied into snapshots: only the index part counts as transient
     store = Price(kv_bytes=50, extra_bytes=1000, logits_bytes=0, step_tokens=1, forward_bytes=20, snapshot_extra_bytes=5)
     assert store.resident_bytes == 1050 and transient_reserve([store], 1, 1) == 55 + 55
+
+
+@pytest.mark.parametrize("model_type", ["llama", "falcon_h1", "qwen3_next", "deepseek_v3"])
+def test_the_priced_cache_tier_holds_what_a_full_session_keeps(model_type):
+    """The KV tier a session is admitted with (`price(...).kv_bytes`) bounds what its cache really holds
+    once full, and not by a wide margin: measured from the shapes the model caches, a hybrid's recurrent
+    state counted (Falcon-H1 holds an SSM state beside every layer's KV, Qwen3-Next has linear-attention
+    layers that hold no KV), latent attention by its latent (DeepSeek V3)."""
+    from streamkv import coverage
+    from streamkv.server.admission import price
+    from streamkv.server.config import ServerConfig
+
+    model = coverage.tiny_model(model_type)
+    params = {"sinks": 2, "window": 30}
+    session = StreamSession(model, None, "sink", chunk_size=8, **params)
+    session.feed(torch.randint(3, coverage.VOCAB, (80,), generator=torch.Generator().manual_seed(0)))
+    held = session.policy.used_bytes()
+    priced = price(model, "sink", params, ServerConfig()).kv_bytes
+    assert held <= priced <= 1.1 * held, (held, priced)

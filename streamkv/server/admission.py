@@ -6,6 +6,7 @@ asking for a 20-million-token window is refused with a 400 naming the limit, not
 OOM killer one turn later.
 
     resident bytes = max_resident_tokens(policy) * kv_bytes_per_token(model)   (the KV tier)
+                   + recurrent_state_bytes(model)                              (a hybrid's SSM state)
                    + sum(store_bytes(policy, params, cfg))                      (a block store's RAM tier and index)
                    + vocab * 4                                                 (the next-token logits)
 
@@ -26,7 +27,7 @@ from typing import Callable
 import psutil
 import torch
 
-from ..models import kv_bytes_per_token
+from ..models import kv_bytes_per_token, recurrent_state_bytes
 from ..rope import text_config
 from ..policies import make_policy, max_resident_tokens, policy_params
 from .config import MIB, ServerConfig
@@ -167,7 +168,8 @@ def price(model, name: str, params: dict, cfg: ServerConfig) -> Price:
     ram_tier, index = store_bytes(name, params, cfg)
     step = params.get("window", 1024) + 1 if name == "recompute" else 1
     fwd = forward_bytes(model, name, tokens, max(cfg.chunk_size, step))
-    return Price(tokens * kv_bytes_per_token(model), ram_tier + index, model.config.vocab_size * 4, step, fwd, index)
+    kv = tokens * kv_bytes_per_token(model) + recurrent_state_bytes(model)  # a hybrid's state: constant
+    return Price(kv, ram_tier + index, model.config.vocab_size * 4, step, fwd, index)
 
 
 def resolve_budgets(cfg: ServerConfig) -> None:

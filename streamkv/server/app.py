@@ -180,6 +180,8 @@ def create_app(cfg: ServerConfig, model=None, tokenizer=None) -> FastAPI:
             io.shutdown(wait=False)
             raise
     try:
+        from ..models import cache_footprint
+        compute.submit(cache_footprint, model).result()  # admission's per-token price: one forward, on a compute thread
         resolve_budgets(cfg)
         if "dense" in cfg.allowed_policies:
             raise ValueError("the dense policy cannot be served: its memory grows without bound")
