@@ -315,10 +315,10 @@ def classify(model_type: str) -> dict:
 
 def _local_layers(model) -> list[int]:
     """The layers streamkv treats as local (sliding-window) for this model."""
-    from streamkv.policies.base import _layer_windows
+    from streamkv.policies.base import layer_windows
     from streamkv.rope import text_config
 
-    return [i for i, w in enumerate(_layer_windows(model, text_config(model.config))) if w is not None]
+    return [i for i, w in enumerate(layer_windows(model, text_config(model.config))) if w is not None]
 
 
 def _compare(model, ids, row: dict) -> float | None:

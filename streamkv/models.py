@@ -149,9 +149,9 @@ def load(name: str | None = None, dtype: str = DEFAULT_DTYPE, threads: int | Non
 _FOOTPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def cache_footprint(model) -> tuple[int, int]:
-    """(bytes of keys + values one token costs, over every layer that stores them; bytes of the constant-size
-    recurrent state of a hybrid's SSM / linear-attention layers), measured once per model on a one-token
+def cache_footprint(model) -> tuple[list[int], int]:
+    """(per layer, bytes of keys + values one token costs there (0: a layer storing none); bytes of the
+    constant-size recurrent state of a hybrid's SSM / linear-attention layers), measured once per model on a one-token
     forward with a transformers `DynamicCache`: the shapes the model itself caches, so per-layer head sizes
     (Gemma 4), latent attention (DeepSeek: a latent and a rope key, not heads x dims) and layers without
     attention (Qwen3-Next, Jamba: recurrent state instead) need no arithmetic of their own. A model that
@@ -166,25 +166,20 @@ def cache_footprint(model) -> tuple[int, int]:
         cache = DynamicCache(config=model.config)
         with torch.inference_mode():
             model(input_ids=torch.tensor([[min(7, cfg.vocab_size - 1)]], device=model.device), past_key_values=cache, use_cache=True)
-        kv = sum(nbytes(getattr(l, "keys", None)) + nbytes(getattr(l, "values", None)) for l in cache.layers)
+        kv = [nbytes(getattr(l, "keys", None)) + nbytes(getattr(l, "values", None)) for l in cache.layers]
         state = sum(nbytes(t) for l in cache.layers for f in ("conv_states", "recurrent_states")
                     for t in getattr(l, f, {}).values())
     except Exception:  # noqa: BLE001 - not drivable through a DynamicCache: the config's numbers
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv, state = 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch.finfo(model.dtype).bits // 8, 0
+        kv, state = [2 * kv_heads * head_dim * torch.finfo(model.dtype).bits // 8] * cfg.num_hidden_layers, 0
     _FOOTPRINTS[model] = (kv, state)
     return kv, state
 
 
 def kv_bytes_per_token(model) -> int:
     """Bytes of keys + values one token costs in a dense KV cache (every layer that stores them)."""
-    return cache_footprint(model)[0]
+    return sum(cache_footprint(model)[0])
 
 
-def recurrent_state_bytes(model) -> int:
-    """Bytes of a hybrid's recurrent state (constant, whatever the stream's length); 0 for attention-only models."""
-    return cache_footprint(model)[1]
-
-
-__all__ = ["DTYPES", "DEFAULT_DTYPE", "DEFAULT_DEVICE", "kv_bytes_per_token", "recurrent_state_bytes", "cache_footprint", "load", "resolve", "resolve_device", "embedded_gguf", "cache_dir", "EMBEDDED", "UnsupportedModelError"]
+__all__ = ["DTYPES", "DEFAULT_DTYPE", "DEFAULT_DEVICE", "kv_bytes_per_token", "cache_footprint", "load", "resolve", "resolve_device", "embedded_gguf", "cache_dir", "EMBEDDED", "UnsupportedModelError"]

@@ -78,17 +78,18 @@ def test_transient_reserve_counts_the_largest_per_thread():
     assert store.resident_bytes == 1050 and transient_reserve([store], 1, 1) == 55 + 55
 
 
-@pytest.mark.parametrize("model_type", ["llama", "falcon_h1", "qwen3_next", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["llama", "falcon_h1", "qwen3_next", "deepseek_v3", "gemma3_text"])
 def test_the_priced_cache_tier_holds_what_a_full_session_keeps(model_type):
     """The KV tier a session is admitted with (`price(...).kv_bytes`) bounds what its cache really holds
     once full, and not by a wide margin: measured from the shapes the model caches, a hybrid's recurrent
     state counted (Falcon-H1 holds an SSM state beside every layer's KV, Qwen3-Next has linear-attention
-    layers that hold no KV), latent attention by its latent (DeepSeek V3)."""
+    layers that hold no KV), latent attention by its latent (DeepSeek V3), a local layer by its window
+    (Gemma 3 with a window of 8: its local layer keeps 8 slots, not the budget's 33)."""
     from streamkv import coverage
     from streamkv.server.admission import price
     from streamkv.server.config import ServerConfig
 
-    model = coverage.tiny_model(model_type)
+    model = coverage.tiny_model(model_type, **({"sliding_window": 8} if model_type == "gemma3_text" else {}))
     params = {"sinks": 2, "window": 30}
     session = StreamSession(model, None, "sink", chunk_size=8, **params)
     session.feed(torch.randint(3, coverage.VOCAB, (80,), generator=torch.Generator().manual_seed(0)))

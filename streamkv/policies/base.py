@@ -428,7 +428,7 @@ class StreamingCache(Cache):
         # places as it would in a cache laid out in stream order. Dense keeps stream order: its mask is right.
         self.local_windows: dict[int, int] = {}  # layer -> its window, for local layers narrower than the budget
         if budget is not None:
-            self.local_windows = {i: w for i, w in enumerate(_layer_windows(model, config)) if w is not None and budget + 1 > w}
+            self.local_windows = {i: w for i, w in enumerate(layer_windows(model, config)) if w is not None and budget + 1 > w}
         # local layers whose window the policy's recent tokens cover keep only that window (LocalLayer); the
         # others (a window narrower than W-1: they may see sinks) are masked over the shared buffers
         recent = self.recent_tokens(budget, sinks) if budget is not None else 0
@@ -852,7 +852,7 @@ class StreamingCache(Cache):
             self.layers.append(layer)
 
 
-def _layer_windows(model, config) -> list[int | None]:
+def layer_windows(model, config) -> list[int | None]:
     """Each layer's sliding window (None: attends everything), as transformers builds its masks: per layer
     type where the config lists them (Gemma 2/3, gpt-oss, OLMo 3: "sliding_attention"), else the model-wide
     `sliding_window` for every layer (Mistral, Qwen2 with use_sliding_window). A config may carry a

@@ -5,8 +5,8 @@ Both come from the policy name and parameters alone (`max_resident_tokens`, pure
 asking for a 20-million-token window is refused with a 400 naming the limit, not discovered by the kernel's
 OOM killer one turn later.
 
-    resident bytes = max_resident_tokens(policy) * kv_bytes_per_token(model)   (the KV tier)
-                   + recurrent_state_bytes(model)                              (a hybrid's SSM state)
+    resident bytes = kv_tier_bytes(model, policy, max_resident_tokens(policy))  (the KV tier: that many
+                     tokens per layer, local layers their window, a hybrid's recurrent state)
                    + sum(store_bytes(policy, params, cfg))                      (a block store's RAM tier and index)
                    + vocab * 4                                                 (the next-token logits)
 
@@ -27,9 +27,10 @@ from typing import Callable
 import psutil
 import torch
 
-from ..models import kv_bytes_per_token, recurrent_state_bytes
+from ..models import cache_footprint, kv_bytes_per_token
 from ..rope import text_config
 from ..policies import make_policy, max_resident_tokens, policy_params
+from ..policies.base import layer_windows
 from .config import MIB, ServerConfig
 from .errors import BadRequest
 
@@ -168,8 +169,22 @@ def price(model, name: str, params: dict, cfg: ServerConfig) -> Price:
     ram_tier, index = store_bytes(name, params, cfg)
     step = params.get("window", 1024) + 1 if name == "recompute" else 1
     fwd = forward_bytes(model, name, tokens, max(cfg.chunk_size, step))
-    kv = tokens * kv_bytes_per_token(model) + recurrent_state_bytes(model)  # a hybrid's state: constant
-    return Price(kv, ram_tier + index, model.config.vocab_size * 4, step, fwd, index)
+    return Price(kv_tier_bytes(model, name, params, tokens), ram_tier + index, model.config.vocab_size * 4, step, fwd, index)
+
+
+def kv_tier_bytes(model, name: str, params: dict, tokens: int) -> int:
+    """What a session's cache holds at most: `tokens` per layer that stores KV, at that layer's own size per
+    token; a local (sliding-window) layer only its window W when the policy's recent window covers it (it
+    keeps its own buffers then, `LocalLayer`); plus a hybrid's recurrent state (constant)."""
+    per_layer, state = cache_footprint(model)  # bytes per token of each layer, the recurrent state
+    recent = {**policy_params(name), **params}.get("window") if name != "recompute" else None
+    windows = layer_windows(model, text_config(model.config))
+    windows += [None] * (len(per_layer) - len(windows))
+
+    def held(w):  # tokens one layer holds
+        return min(tokens, w) if w is not None and recent is not None and recent >= w - 1 else tokens
+
+    return sum(b * held(w) for b, w in zip(per_layer, windows)) + state
 
 
 def resolve_budgets(cfg: ServerConfig) -> None:
