@@ -66,7 +66,7 @@ def _attended(kept, blocks, sinks, block, start, q, placement):
 @pytest.mark.parametrize("placement", ["contiguous", "fixed"])
 @pytest.mark.parametrize("chunks,reselect", [([1], 1), ([5, 1, 1, 9, 1, 2], 1), ([5, 1, 1, 1, 1, 1, 1, 2], 3)],
                          ids=["token-by-token", "chunked", "chunked-reselect-3"])
-def test_one_layer_step_equals_fresh_forward_over_what_it_attends(arch, placement, chunks, reselect):
+def test_one_layer_step_equals_fresh_forward_over_what_it_attends(arch, placement, chunks, reselect, rep_rule="mean"):
     """One layer: a token's key/value depend on that token and its position only. So every step must equal a
     fresh forward over exactly sinks + the retrieved blocks (the policy says which) + window + new tokens,
     at the positions the placement gives: contiguous 0..n-1, or every retrieved token at the position right
@@ -74,7 +74,7 @@ def test_one_layer_step_equals_fresh_forward_over_what_it_attends(arch, placemen
     sinks, window, block, topk = 2, 6, 3, 2
     model = make_tiny(arch, layers=1)
     cache = make_policy("memory", model, sinks=sinks, window=window, block=block, topk=topk, reps=2, placement=placement,
-                        ram_mb=0, reselect=reselect)
+                        ram_mb=0, reselect=reselect, rep_rule=rep_rule)
     cache.max_position = 40  # many position restarts in a short stream
     ids = random_ids(220, seed=2)
     start, i, restarts, choices = 0, 0, 0, set()
@@ -146,6 +146,39 @@ def test_selection_parameter_is_checked():
     model = make_tiny("llama", layers=1)
     with pytest.raises(ValueError, match="selection"):
         make_policy("memory", model, selection="each")
+    with pytest.raises(ValueError, match="rep_rule must be one of attention, mean"):
+        make_policy("memory", model, rep_rule="max")
+
+
+@pytest.mark.parametrize("placement", ["contiguous", "fixed"])
+def test_mean_representatives_are_the_means_of_the_block_keys_and_the_attention_rule_steps_exactly(placement):
+    """The default rep_rule=mean observes no attention, and each block's representatives are the means of its
+    two halves' keys, as computed at position 0 (a key fed alone at position 0 is the one-layer model's key
+    there). InfLLM's rule (rep_rule=attention, which observes attention) still steps exactly: every one-layer
+    step equals a fresh forward over what the policy says it attends."""
+    test_one_layer_step_equals_fresh_forward_over_what_it_attends("llama", placement, [5, 1, 1, 9, 1, 2], 1,
+                                                                  rep_rule="attention")
+    model = make_tiny("llama", layers=1)
+    sinks, window, block = 2, 6, 4
+    cache = make_policy("memory", model, sinks=sinks, window=window, block=block, topk=2, reps=2, ram_mb=0,
+                        placement=placement)
+    assert not cache.observe and cache.describe()["rep_rule"] == "mean"
+    ids = random_ids(60, seed=3)
+    stream(model, cache, ids, [5, 1, 3])
+    assert cache.store.n_blocks >= 8
+    from transformers import DynamicCache
+
+    at0 = []
+    for t in range(ids.shape[1]):  # every token's key at position 0 [H, D]
+        c = DynamicCache(config=model.config)
+        model(input_ids=ids[:, t : t + 1], position_ids=torch.tensor([[0]]), past_key_values=c, use_cache=True)
+        at0.append(c.layers[0].keys[0, :, 0])
+    at0 = torch.stack(at0, dim=1)  # [H, n, D]
+    for b in range(cache.store.n_blocks):
+        first = sinks + b * block
+        halves = [at0[:, first : first + block // 2].mean(1), at0[:, first + block // 2 : first + block].mean(1)]
+        expected = torch.stack(halves, dim=1)  # [H, 2, D]
+        assert (cache.index[0][:, b].float() - expected).abs().max().item() < 1e-2 * expected.abs().max().item(), b
 
 
 def test_block_round_trips_bit_exactly_and_damage_is_named(tmp_path):

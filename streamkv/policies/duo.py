@@ -266,7 +266,8 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
         self.pattern = pattern if isinstance(pattern, str) else "tensor"
         self.heads = retrieval_mask(model, pattern, self.sparsity)  # [L, Hkv]
         mem = {k: v for k, v in (("block", block), ("topk", topk), ("ram_mb", ram_mb), ("store_dir", store_dir)) if v is not None}
-        super().__init__(model, sinks=sinks, window=window, **mem)
+        # its retrieval heads' blocks are indexed by the keys they attended most (it observes attention anyway)
+        super().__init__(model, sinks=sinks, window=window, rep_rule="attention", **mem)
         self.runs = [_runs(m) for m in self.heads]
         self.stored_fraction = float(self.heads.float().mean())
 

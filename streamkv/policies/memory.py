@@ -8,8 +8,14 @@ the stream: RAM holds the resident tokens, the store's RAM tier (capped) and a s
 How a step works (see `attend`):
 1. The shared slot table (base.py) holds sinks + window and evicts from the window in whole blocks of B
    tokens (`keep_mask`); the evicted keys/values of every layer go to the store as one block.
-2. Each block gets `reps` representative keys per KV head: the tokens that received the most attention
-   while they were in the window (InfLLM's rule), observed in this very attention function. The index of
+2. Each block gets `reps` representative keys per KV head. Default (`rep_rule=mean`): the block is cut
+   into `reps` equal parts and each part's keys, rotated to position 0, are averaged. InfLLM's rule
+   (`rep_rule=attention`): the tokens that received the most attention while they were in the window,
+   observed in this very attention function, which then costs every step the attention each kept key
+   received. The cheaper rule is also the better one here: passkey on the embedded model, the same prompts
+   and keys (docs/RESULTS.md section 6): 16k 15/15 (attention rule 11/15), 32k 15/15 (14/15), 64k 6/6
+   (4/6). A guess at why, not tested: the filler around the key repeats, so the keys it attends most are
+   filler-like; a part's mean keeps the key sentence's trace. The index of
    representatives (rotated to position 0, float16: it only ranks blocks) always stays resident, so it is
    the one thing that grows in RAM with the stream: 2 * layers * kv_heads * head_dim * reps / block bytes
    per token (SmolLM2-135M with the defaults: 360 B per token, 360 MB per million tokens). The default
@@ -63,6 +69,7 @@ from .base import StreamingCache
 from .blockstore import BlockStore
 
 PLACEMENTS = ("contiguous", "fixed")
+REP_RULES = ("attention", "mean")  # a block's representatives: its most attended keys (InfLLM), or part means
 SELECTIONS = ("shared", "head")  # one choice of blocks for all KV heads of a layer (InfLLM), or one per head (LongHeads)
 SCORING_QUERIES = 16  # blocks are chosen with the mean of a step's last 16 queries (see `_select`)
 
@@ -82,7 +89,7 @@ class MemoryCache(StreamingCache):
 
     def __init__(self, model, sinks: int = 4, window: int = 768, block: int = 64, topk: int = 16, reps: int = 2,
                  ram_mb: int = 256, store_dir: str | None = None, placement: str = "fixed", selection: str = "shared",
-                 reselect: int = 4):
+                 reselect: int = 4, rep_rule: str = "mean"):
         for n, v in (("window", window), ("block", block), ("topk", topk), ("reps", reps), ("reselect", reselect)):
             _positive(n, v)
         if not isinstance(ram_mb, int) or isinstance(ram_mb, bool) or ram_mb < 0:
@@ -93,6 +100,10 @@ class MemoryCache(StreamingCache):
             raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+        if rep_rule not in REP_RULES:
+            raise ValueError(f"rep_rule must be one of {', '.join(REP_RULES)}, got {rep_rule!r}")
+        self.rep_rule = rep_rule
+        self.observe = rep_rule == "attention"  # the mean rule needs no attention observed: cheaper steps
         self.selection, self.reselect = selection, reselect
         self._decode_run = 0  # decode steps (one token) since the last prefill chunk
         self.window, self.block, self.topk, self.reps, self.placement = window, block, topk, reps, placement
@@ -163,10 +174,12 @@ class MemoryCache(StreamingCache):
         self.retrieved[layer_idx] = ids
         if one_query(query, parts):  # decoding: the keys' received attention comes with the output
             out, _, received = attend_one(query, parts, scaling)
-            layer.received_view += received[0]
+            if self.observe:
+                layer.received_view += received[0]
         else:
             out, lse = attend_parts(query, parts, scaling)
-            layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse)
+            if self.observe:
+                layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse)
         evicted_scores = layer.finish_step(plan)
         if layer.evicted is not None:
             self._store_evicted(layer_idx, layer.evicted, evicted_scores, plan)
@@ -281,9 +294,15 @@ class MemoryCache(StreamingCache):
         for j in range(0, e, B):
             block_id = (int(plan.evict_seq[j]) - self.sinks) // B
             k, v, pos = keys[:, j : j + B], values[:, j : j + B], plan.evict_pos[j : j + B]
-            top = scores[:, j : j + B].topk(self.reps, dim=1).indices  # [H, r]: most attended while in the window
-            rep = torch.gather(k, 1, top[..., None].expand(h, self.reps, d))  # [H, r, D]
-            rep = self.rope_for_layer(layer_idx).rotate(rep.reshape(h * self.reps, d), -pos[top.reshape(-1)]).view(1, h, self.reps, d).half()
+            rope, n = self.rope_for_layer(layer_idx), k.shape[1]
+            if self.rep_rule == "mean":  # the block cut in `reps` parts, each part's keys at position 0, averaged
+                at0 = rope.rotate(k.reshape(h * n, d), -pos.repeat(h)).view(h, n, d)
+                rep = torch.stack([part.mean(dim=1) for part in at0.tensor_split(self.reps, dim=1)], dim=1)  # [H, r, D]
+            else:  # InfLLM: the keys that received the most attention while in the window
+                top = scores[:, j : j + B].topk(self.reps, dim=1).indices  # [H, r]
+                rep = torch.gather(k, 1, top[..., None].expand(h, self.reps, d))  # [H, r, D]
+                rep = rope.rotate(rep.reshape(h * self.reps, d), -pos[top.reshape(-1)]).view(h, self.reps, d)
+            rep = rep[None].half()  # [1, H, r, D]
             self._index_append(layer_idx, block_id, rep)
             self.store.add_layer(block_id, self._part(layer_idx), len(self.stored_layers), k.clone(), v.clone(), pos)
 
@@ -339,6 +358,8 @@ class MemoryCache(StreamingCache):
             d["selection"] = self.selection
         if self.reselect != 1:  # (a snapshot of a cache that re-chose at every step, the old default, says nothing)
             d["reselect"] = self.reselect
+        if self.rep_rule != "attention":
+            d["rep_rule"] = self.rep_rule
         return d
 
     # ---- persistence --------------------------------------------------------------------------------
