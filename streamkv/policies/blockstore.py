@@ -8,21 +8,13 @@ was in the window, that position moved once by the restart's shift). Fetching ro
 never from a fetched one, so rounding cannot accumulate however often a block comes back.
 
 Tiers:
-* Disk: one file per block (`block-00000042.skv`), every block, written when the next step starts (`spill()`,
-  before the cache changes anything: a failed write raises and leaves the stream as it was, the block still in
-  RAM) and synced for a snapshot (`flush()`). Layer-major layout, so fetching layer l of a block is one read;
-  every layer's keys and values carry a CRC32 checked on each read. A missing, torn or foreign file is a
-  `BlockStoreError` that names the file, never garbage.
-* RAM: a cache over the disk tier, an LRU of *layer parts* (one layer's keys and values of one block) capped at
-  `ram_bytes`. New blocks land here, every layer's part; a part read from disk comes back into it: InfLLM's
-  GPU block cache, one level down. The cap is enforced when the next step starts, so between steps the tier may
-  hold the blocks of one step (a chunk of C tokens: C/B) more. Why per layer: each layer chooses its own
-  blocks, and at decode the choice churns among near-tied blocks that come back again and again. Measured
-  over 40 decode steps at 64k (embedded model): 4,712 disk reads when parts read were not kept, 1,099 now.
-  Step times did not change on the machine measured, whose page cache held the whole store (2.7 GB); the
-  reads matter where the store outgrows it. Why write-through: with every block on disk, any part can leave
-  RAM at once, so a read never writes. (Blocks were once written only when RAM was over its cap; that saved
-  writing the last 256 MB of a stream and left no room for parts read back.)
+* RAM: an LRU of whole blocks capped at `ram_bytes`. New blocks land here; the cap is enforced when the next
+  step starts, so between steps the tier may hold the blocks of one step (a chunk of C tokens: C/B) more.
+* Disk: one file per block (`block-00000042.skv`), written when the RAM tier is over its cap (`spill()`, called
+  at the start of a step, before the cache changes anything: a failed write raises and leaves the stream as it
+  was, the block still in RAM) or for a snapshot (`flush()`). Layer-major layout, so fetching layer l of a block
+  is one read; every layer's keys and values carry a CRC32 checked on each read. A missing, torn or foreign
+  file is a `BlockStoreError` that names the file, never garbage.
 
 File layout: b"SKVBLK1\\n", a little-endian uint32 header length, a JSON header (block id, store tag, shapes,
 dtype, positions, CRCs), then for each layer its keys [H_l, B, D] and values [H_l, B, Dv] as raw bytes. The
@@ -64,10 +56,6 @@ class Block:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
-def _part_bytes(part: tuple) -> int:
-    return sum(t.numel() * t.element_size() for t in part[:2])
-
-
 def _raw(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()  # via uint8: works for bfloat16 too
 
@@ -86,12 +74,9 @@ class BlockStore:
                 raise BlockStoreError(f"memory store directory {self.directory} is not writable; pass another store_dir")
         self.ram_bytes, self.tag = ram_bytes, tag
         self.n_blocks = 0  # blocks 0..n_blocks-1 exist (in RAM, on disk, or both)
-        # LRU of layer parts, least recently used first: (block id, layer) -> (keys [H, B, D], values [H, B, Dv], pos [B])
-        self.ram: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._ram_bytes = 0  # bytes of the parts in `ram` (kept as a count: summing them each step cost ms)
-        self._layers = 0  # parts per block
-        self._written = 0  # blocks 0.._written-1 are on disk (written in stream order)
-        self._synced = 0  # blocks 0.._synced-1 are on disk durably (fsynced: `flush`)
+        self.ram: OrderedDict[int, Block] = OrderedDict()  # LRU: least recently used first
+        self._ram_bytes = 0  # bytes of the blocks in `ram` (kept as a count: summing 60 tensors per block each step cost ms)
+        self.on_disk: set[int] = set()
         self._pending: dict[int, list] = {}  # block id -> per-layer (keys, values), until every layer gave its part
         self._headers: OrderedDict[int, dict] = OrderedDict()  # LRU of parsed headers, at most HEADER_CACHE
         self.reads = {"ram": 0, "disk": 0}
@@ -106,18 +91,10 @@ class BlockStore:
             del self._pending[block_id]
             if block_id != self.n_blocks:
                 raise BlockStoreError(f"memory blocks must arrive in stream order: got block {block_id}, expected {self.n_blocks}")
-            pos = pos.clone()
-            self._layers = n_layers
-            for l, (k, v) in enumerate(parts):
-                self._ram_put((block_id, l), (k, v, pos))
+            block = Block([k for k, _ in parts], [v for _, v in parts], pos.clone())
+            self.ram[block_id] = block
+            self._ram_bytes += block.nbytes
             self.n_blocks += 1
-
-    def _ram_put(self, key: tuple[int, int], part: tuple) -> None:
-        self.ram[key] = part
-        self._ram_bytes += _part_bytes(part)
-
-    def _ram_drop(self, key: tuple[int, int]) -> None:
-        self._ram_bytes -= _part_bytes(self.ram.pop(key))
 
     def path(self, block_id: int) -> Path:
         return self.directory / f"block-{block_id:08d}.skv"
@@ -153,36 +130,22 @@ class BlockStore:
                 f"could not write memory block {target}: {e.strerror or e}. Free space in {self.directory} or use another "
                 "store_dir; nothing was lost (the block is still in RAM)."
             ) from None
-
-    def _block(self, block_id: int) -> Block:
-        """A block not yet on disk, from its parts (all in RAM: no part of it has left RAM yet)."""
-        parts = [self.ram[(block_id, l)] for l in range(self._layers)]
-        return Block([p[0] for p in parts], [p[1] for p in parts], parts[0][2])
+        self.on_disk.add(block_id)
 
     def spill(self) -> None:
-        """Write the blocks not yet on disk, then drop least-recently-used parts until RAM fits its cap."""
-        self._write_new(sync=False)
+        """Move least-recently-used blocks to disk until the RAM tier fits its cap."""
         while self.ram and self.ram_used() > self.ram_bytes:
-            self._ram_drop(next(iter(self.ram)))
+            block_id, block = next(iter(self.ram.items()))
+            if block_id not in self.on_disk:
+                self._write(block_id, block, sync=False)
+            del self.ram[block_id]
+            self._ram_bytes -= block.nbytes
 
     def flush(self) -> None:
-        """Every block on disk durably (fsynced), e.g. before a snapshot refers to them. RAM keeps its copies."""
-        for block_id in range(self._synced, self._written):  # written by `spill`, not yet synced
-            try:
-                fd = os.open(self.path(block_id), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                raise BlockStoreError(f"could not sync memory block {self.path(block_id)}: {e.strerror or e}") from None
-        self._write_new(sync=True)
-        self._synced = self._written
-
-    def _write_new(self, sync: bool) -> None:
-        while self._written < self.n_blocks:  # in stream order; every part of an unwritten block is in RAM
-            self._write(self._written, self._block(self._written), sync)
-            self._written += 1
+        """Every block on disk (durably), e.g. before a snapshot refers to them. RAM keeps its copies."""
+        for block_id, block in self.ram.items():
+            if block_id not in self.on_disk:
+                self._write(block_id, block, sync=True)
 
     # ---- reading -----------------------------------------------------------------------------------
     def _header(self, block_id: int) -> dict:
@@ -213,11 +176,11 @@ class BlockStore:
         """Layer `layer` of block `block_id`: keys [H, B, D], values [H, B, Dv], pos [B]."""
         if not 0 <= block_id < self.n_blocks:
             raise BlockStoreError(f"memory block {block_id} does not exist (the store holds {self.n_blocks})")
-        part = self.ram.get((block_id, layer))
-        if part is not None:
-            self.ram.move_to_end((block_id, layer))
+        block = self.ram.get(block_id)
+        if block is not None:
+            self.ram.move_to_end(block_id)
             self.reads["ram"] += 1
-            return part
+            return block.keys[layer], block.values[layer], block.pos
         h = self._header(block_id)
         dtype = getattr(torch, h["dtype"])
         kshapes = h.get("layer_keys") or [h["keys"]] * h["layers"]
@@ -245,29 +208,17 @@ class BlockStore:
         self.reads["disk"] += 1
         if "pos_tensor" not in h:
             h["pos_tensor"] = torch.tensor(h["pos"], dtype=torch.long)
-        part = (keys, values, h["pos_tensor"])
-        self._promote((block_id, layer), part)
-        return part
-
-    def _promote(self, key: tuple[int, int], part: tuple) -> None:
-        """A part read from disk back into RAM, making room by dropping least-recently-used parts (all on disk:
-        `spill` wrote them when this step started; a read never writes)."""
-        need = _part_bytes(part)
-        while self.ram and self.ram_used() + need > self.ram_bytes and next(iter(self.ram))[0] < self._written:
-            self._ram_drop(next(iter(self.ram)))
-        if self.ram_used() + need <= self.ram_bytes:
-            self._ram_put(key, part)
+        return keys, values, h["pos_tensor"]
 
     # ---- bookkeeping -------------------------------------------------------------------------------
     def ram_used(self) -> int:
         return self._ram_bytes
 
     def disk_used(self) -> int:
-        return sum(self.path(i).stat().st_size for i in range(self._written) if self.path(i).exists())
+        return sum(self.path(i).stat().st_size for i in self.on_disk if self.path(i).exists())
 
     def stats(self) -> dict:
-        return {"blocks": self.n_blocks, "blocks_in_ram": len({b for b, _ in self.ram}), "parts_in_ram": len(self.ram),
-                "blocks_on_disk": self._written,
+        return {"blocks": self.n_blocks, "blocks_in_ram": len(self.ram), "blocks_on_disk": len(self.on_disk),
                 "ram_bytes": self.ram_used(), "disk_bytes": self.disk_used(), "reads_ram": self.reads["ram"],
                 "reads_disk": self.reads["disk"], "store_dir": str(self.directory)}
 
@@ -279,7 +230,7 @@ class BlockStore:
         self._pending.clear()
         self._headers.clear()
         self.n_blocks = n_blocks
-        self._written = self._synced = n_blocks
+        self.on_disk = set(range(n_blocks))
         for i in range(n_blocks):
             self._header(i)
 
@@ -292,4 +243,5 @@ class BlockStore:
         else:
             for i in range(self.n_blocks):
                 self.path(i).unlink(missing_ok=True)
-        self.n_blocks = self._written = self._synced = 0
+        self.n_blocks = 0
+        self.on_disk.clear()
