@@ -41,6 +41,32 @@ MAGIC = b"SKVBLK1\n"
 HEADER_CACHE = 1024  # parsed headers of disk blocks kept (LRU): bounded, so RAM does not grow with the store
 
 
+_LIBC = None  # glibc, for malloc_trim; False where there is none (musl, macOS, Windows)
+
+
+def _trim() -> None:
+    """Return the C heap's free pages to the operating system (glibc's malloc_trim; nothing elsewhere).
+
+    Why: a stream into memory keeps allocating long-lived blocks (the RAM tier, the index) between the large
+    short-lived tensors of each prefill chunk, which glibc serves from its heap once its mmap threshold has
+    risen. The freed holes between live blocks cannot be given back by shrinking the heap, so RSS grew with
+    the stream though nothing live did. Measured (embedded model, memory defaults, 1 thread, chunks of 512):
+    RSS 1,346 MiB at 8k -> 1,806 MiB at 49k, of which 536 MiB free heap; trimming after every chunk,
+    1,280 -> 1,296 MiB (+1.2%) for 9 ms a chunk (0.5% of its time). Called when a spill moved blocks: every
+    prefill chunk once the RAM tier is full, and one decode step in B, not at every decode step."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 class BlockStoreError(RuntimeError):
     """A memory block could not be written or read back intact (the message names the file and what to do)."""
 
@@ -133,13 +159,18 @@ class BlockStore:
         self.on_disk.add(block_id)
 
     def spill(self) -> None:
-        """Move least-recently-used blocks to disk until the RAM tier fits its cap."""
+        """Move least-recently-used blocks to disk until the RAM tier fits its cap, and give the heap they
+        leave back to the operating system (`_trim`)."""
+        moved = False
         while self.ram and self.ram_used() > self.ram_bytes:
             block_id, block = next(iter(self.ram.items()))
             if block_id not in self.on_disk:
                 self._write(block_id, block, sync=False)
             del self.ram[block_id]
             self._ram_bytes -= block.nbytes
+            moved = True
+        if moved:
+            _trim()
 
     def flush(self) -> None:
         """Every block on disk (durably), e.g. before a snapshot refers to them. RAM keeps its copies."""
