@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streamkv.evaluation.common import cpu_model  # noqa: E402
 
-CHECKPOINTS = (8192, 16384, 32768, 65536, 131072, 196608, 262144)
+CHECKPOINTS = (8192, 16384, 32768, 65536, 98304, 131072, 163840, 196608, 229376, 262144)
 
 
 def _proc_kib(field: str) -> int:
@@ -41,6 +41,26 @@ def _proc_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return -1
+
+
+def _malloc() -> dict:
+    """glibc's heap accounting (mallinfo2), in MiB: what RSS growth is made of. `heap_in_use` is live small/medium
+    allocations, `heap_free` memory malloc holds but does not use (fragmentation), `mmapped` large allocations
+    (tensors above the mmap threshold). Empty where the C library has no mallinfo2 (not glibc >= 2.33)."""
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = Mallinfo2
+        m = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return {}
+    mib = lambda b: round(b / 2**20, 1)  # noqa: E731
+    return {"heap_mib": mib(m.arena), "heap_in_use_mib": mib(m.uordblks), "heap_free_mib": mib(m.fordblks),
+            "mmapped_mib": mib(m.hblkhd), "mmapped_chunks": m.hblks}
 
 
 def _cpu() -> dict:
@@ -97,6 +117,8 @@ def run(args) -> dict:
                    "prefill_tok_s": round(seg_tokens / seg_s, 1) if seg_s > 0 else None,
                    "prefill_retrieval_ms_per_step": round(1000 * (retr - last_retr) / max(1, steps - last_steps), 3),
                    "rss_mib": round(_proc_kib("VmRSS") / 1024, 1), "rss_peak_mib": round(_proc_kib("VmHWM") / 1024, 1),
+                   "rss_anon_mib": round(_proc_kib("RssAnon") / 1024, 1), "rss_file_mib": round(_proc_kib("RssFile") / 1024, 1),
+                   **_malloc(),
                    "kv_resident_bytes": policy.used_bytes() if hasattr(policy, "used_bytes") else policy.nbytes(),
                    "store_dir_bytes": _dir_bytes(store_root), "loadavg": os.getloadavg(),
                    **{k: v for k, v in st.items() if k not in ("store_dir",)}}
@@ -142,7 +164,9 @@ def plot(paths: list[str], out: str) -> None:
         r = json.loads(Path(p).read_text())
         rows = r["checkpoints"]
         x = [row["position"] / 1000 for row in rows]
-        lab = f"{r['policy']} ({'recalled' if r['correct'] else 'missed'} the key)"
+        par = r.get("params", {})
+        rule = f", {par.get('rep_rule', 'attention')} reps, reselect {par.get('reselect', 1)}" if r["policy"] == "memory" else ""
+        lab = f"{r['policy']}{rule} ({'recalled' if r['correct'] else 'missed'} the key)"
         dec = [(xx, row["decode_ms_median"]) for xx, row in zip(x, rows) if "decode_ms_median" in row]
         axes[0, 0].plot(*zip(*dec), marker="o", label=lab)
         axes[0, 1].plot(x, [row["rss_mib"] for row in rows], marker="o", label=lab)
