@@ -52,12 +52,13 @@ def _malloc() -> dict:
     class Mallinfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = Mallinfo2
-        m = libc.mallinfo2()
-    except (OSError, AttributeError):
+    from streamkv.policies.blockstore import glibc
+
+    libc = glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
         return {}
+    libc.mallinfo2.restype = Mallinfo2
+    m = libc.mallinfo2()
     mib = lambda b: round(b / 2**20, 1)  # noqa: E731
     return {"heap_mib": mib(m.arena), "heap_in_use_mib": mib(m.uordblks), "heap_free_mib": mib(m.fordblks),
             "mmapped_mib": mib(m.hblkhd), "mmapped_chunks": m.hblks}

@@ -295,7 +295,7 @@ def test_resident_memory_bounded_over_50k_tokens(tmp_path):
     from streamkv.policies import blockstore
 
     if platform.libc_ver()[0] == "glibc":  # spills give the freed heap back (what keeps RSS flat on the real model)
-        assert blockstore._LIBC
+        assert blockstore.glibc() is not None
 
 
 def _rss_bytes() -> int:

@@ -41,7 +41,21 @@ MAGIC = b"SKVBLK1\n"
 HEADER_CACHE = 1024  # parsed headers of disk blocks kept (LRU): bounded, so RAM does not grow with the store
 
 
-_LIBC = None  # glibc, for malloc_trim; False where there is none (musl, macOS, Windows)
+_LIBC = None  # glibc, loaded once; False where there is none (musl, macOS, Windows)
+
+
+def glibc():
+    """The C library when it is glibc (for malloc_trim here, mallinfo2 in benchmarks/long_stream.py), else None."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
 
 
 def _trim() -> None:
@@ -53,18 +67,12 @@ def _trim() -> None:
     the stream though nothing live did. Measured (embedded model, memory defaults, 1 thread, chunks of 512):
     RSS 1,346 MiB at 8k -> 1,806 MiB at 49k, of which 536 MiB free heap; trimming after every chunk,
     1,280 -> 1,296 MiB (+1.2%) for 9 ms a chunk (0.5% of its time). Called when a spill moved blocks: every
-    prefill chunk once the RAM tier is full, and one decode step in B, not at every decode step."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 - glibc only
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    prefill chunk once the RAM tier is full, and one decode step in B, not at every decode step.
+    The trim is process-wide: a program embedding streamkv has its own free heap given back too (harmless:
+    only pages malloc holds unused)."""
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class BlockStoreError(RuntimeError):
