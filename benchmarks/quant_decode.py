@@ -4,9 +4,11 @@ Each setting runs in its own fresh process (in one process, torch's OpenMP threa
 interfere with later ones) and the settings are alternated for --rounds rounds, in a rotated order each
 round, so slow phases of a shared machine hit every setting. A child loads the embedded model with the
 setting, warms up (one 600-token feed and 4 steps in a throwaway session: kernel JIT, first touch),
-streams generated filler text through a `sink` cache (sinks=4, window=1020: 1,024 kept tokens) in
-512-token chunks up to --position (prefill tokens/s), then times --steps single-token decode steps there
-(teacher-forced: the same work as sampling without the sampler). The JSON records lscpu (CPU model and
+streams generated filler text through a `sink` cache (sinks=4, window=1020: 1,024 kept tokens), or with
+`--policy memory` through `memory` at its defaults, in 512-token chunks up to --position (prefill
+tokens/s), then times --steps single-token decode steps there (teacher-forced: the same work as sampling
+without the sampler). `memory` re-chooses its blocks every 4th step (eagerly, reading blocks back from
+the store): its mean over the steps is what a user waits per token, and is reported beside the median. The JSON records lscpu (CPU model and
 flags), torch version, threads and the load average around every child. With `llamacpp` in --settings the
 peer runs too, in its own processes in the same rotation, and the summary gives each setting's ratio to it.
 
@@ -38,6 +40,8 @@ SETTINGS = {  # label -> models.load keyword arguments
 # on the embedded model's own GGUF file (Q4_1 weights), with llama.cpp's context shift
 PEER = "llamacpp"
 PEER_CTX, PEER_KEEP = 1024, 4  # its KV cache size and the tokens its context shift keeps (as sink's 4 sinks)
+POLICIES = {"sink": {"policy": "sink", "sinks": 4, "window": 1020},  # 1,024 kept tokens
+            "memory": {"policy": "memory"}}  # its defaults: 4 + 768..831 + 16 x 64 retrieved (up to 1,859 attended)
 
 
 def child(args) -> dict:
@@ -50,16 +54,18 @@ def child(args) -> dict:
 
     model, tok = load(None, threads=args.threads, **SETTINGS[args.child])
     ids = torch.tensor(filler_text(tok, args.position + args.steps + 1), dtype=torch.long)
+    policy = POLICIES[args.policy]
     with torch.inference_mode():
-        warm = StreamSession(model, tok, "sink", sinks=4, window=1020, chunk_size=512)
+        warm = StreamSession(model, tok, chunk_size=512, **policy)
         # first calls JIT oneDNN kernels and touch fresh memory: not what we measure; with compile, the
-        # steps after the cache is full (1,024 tokens) compile the decode step, also not measured
-        n = 1030 if SETTINGS[args.child].get("compile") else 600
+        # steps after the cache is full (sink: 1,024 tokens; memory: 16 blocks stored) compile the decode
+        # step, also not measured
+        n = {"sink": 1030, "memory": 1900}[args.policy] if SETTINGS[args.child].get("compile") else 600
         warm.feed(ids[:n])
-        for i in range(n, n + 4):
+        for i in range(n, n + 8):
             warm.feed(ids[i : i + 1])
         del warm
-        session = StreamSession(model, tok, "sink", sinks=4, window=1020, chunk_size=512)
+        session = StreamSession(model, tok, chunk_size=512, **policy)
         t0 = time.perf_counter()
         session.feed(ids[: args.position])
         prefill_s = time.perf_counter() - t0
@@ -70,7 +76,7 @@ def child(args) -> dict:
             times.append(time.perf_counter() - t0)
     q = getattr(model, "streamkv_quantization", {})
     step = compiled.decode_step(model)
-    return {"setting": args.child, **SETTINGS[args.child], "threads": torch.get_num_threads(),
+    return {"setting": args.child, **SETTINGS[args.child], "policy": session.policy.describe(), "threads": torch.get_num_threads(),
             "compiled_steps": step.steps if step else 0, "compile_failed": step.failed if step else None,
             "position": args.position, "tokens_cached": session.stats()["tokens_cached"],
             "prefill_tokens": args.position, "prefill_seconds": prefill_s,
@@ -137,11 +143,13 @@ def plot(result: dict, path: str) -> None:
     for i, label in enumerate(labels):
         runs = [r for r in result["runs"] if r["setting"] == label]
         s = result["summary"][label]
-        a.bar(i, s["decode_ms_median"], color="C0")
+        a.bar(i, s["decode_ms_median"], color="C0", label="median" if i == 0 else None)
+        a.plot(i, s["decode_ms_mean"], "rv", ms=7, label="mean" if i == 0 else None)
         a.plot([i] * len(runs), [r["decode_ms_median"] for r in runs], "k.", ms=6)
         b.bar(i, s["prefill_tokens_per_second"], color="C1")
         b.plot([i] * len(runs), [r["prefill_tokens_per_second"] for r in runs], "k.", ms=6)
-    for ax, title in ((a, f"decode ms/token, sink 1,024 kept, position {result['position']}"),
+    a.legend(fontsize=8)
+    for ax, title in ((a, f"decode ms/token, {result['cache'].split(' (')[0]}, position {result['position']}"),
                       (b, "prefill tokens/s (512-token chunks)")):
         ax.set_xticks(range(len(labels)), labels)
         ax.set_title(title, fontsize=9)
@@ -160,6 +168,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--position", type=int, default=2048, help="stream position of the decode steps")
     p.add_argument("--steps", type=int, default=64, help="decode steps timed per run")
+    p.add_argument("--policy", default="sink", choices=list(POLICIES),
+                   help="the cache the streamkv settings decode with (the peer always uses its context shift)")
     p.add_argument("--out", default="quant_decode.json")
     p.add_argument("--plot", default="", help="PNG (optional)")
     p.add_argument("--child", choices=[*SETTINGS, PEER], help=argparse.SUPPRESS)
@@ -173,7 +183,8 @@ def main() -> int:
     settings = [s for s in args.settings.split(",") if s]
     result = {"command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "threads": args.threads, "position": args.position, "steps": args.steps, "rounds": args.rounds,
-              "cache": "sink, sinks=4, window=1020 (1,024 kept tokens)",
+              "cache": {"sink": "sink, sinks=4, window=1020 (1,024 kept tokens)",
+                        "memory": "memory, its defaults (4 sinks + 768..831 recent + 16 blocks of 64 retrieved)"}[args.policy],
               "machine": {"lscpu": lscpu(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                           "transformers": transformers.__version__,
                           "cpu_capability": torch.backends.cpu.get_cpu_capability()},
@@ -183,7 +194,7 @@ def main() -> int:
         for label in order:
             load0 = os.getloadavg()[0]
             cmd = [sys.executable, __file__, "--child", label, "--threads", str(args.threads),
-                   "--position", str(args.position), "--steps", str(args.steps)]
+                   "--position", str(args.position), "--steps", str(args.steps), "--policy", args.policy]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             run = json.loads(out.strip().splitlines()[-1])
             run.update(round=r, loadavg1_before=load0, loadavg1_after=os.getloadavg()[0])
@@ -195,6 +206,7 @@ def main() -> int:
         runs = [x for x in result["runs"] if x["setting"] == label]
         result["summary"][label] = {
             "decode_ms_median": statistics.median(x["decode_ms_median"] for x in runs),
+            "decode_ms_mean": statistics.median(x["decode_ms_mean"] for x in runs),  # median over rounds of each run's mean
             "decode_ms_min_of_rounds": min(x["decode_ms_median"] for x in runs),
             "prefill_tokens_per_second": statistics.median(x["prefill_tokens_per_second"] for x in runs),
             "weight_bytes": runs[0]["weight_bytes"],
@@ -207,6 +219,7 @@ def main() -> int:
     if peer:  # the ratios: streamkv decode ms / llama.cpp's, prefill tok/s / llama.cpp's (same run)
         for s in result["summary"].values():
             s["decode_ms_vs_llamacpp"] = s["decode_ms_median"] / peer["decode_ms_median"]
+            s["decode_mean_vs_llamacpp"] = s["decode_ms_mean"] / peer["decode_ms_mean"]
             s["prefill_vs_llamacpp"] = s["prefill_tokens_per_second"] / peer["prefill_tokens_per_second"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.plot:

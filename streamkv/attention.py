@@ -13,6 +13,11 @@ and calls the policy. Anything else (another cache, no cache, a policy without a
 PyTorch's SDPA, the model's default on CPU, with transformers' own SDPA masks (registered for "streamkv"
 too), so a model switched to "streamkv" computes exactly what it did before for every other use.
 
+A compiled decode step (compiled.py) cannot go through a thread-local slot, so there the policy's fixed-shape
+step travels the other way transformers passes things to attention functions: as a keyword argument of the
+model's forward (`streamkv_static`), which every decoder hands on, layer by layer, to its attention function.
+The cache counts the layers it served and refuses a model that dropped it (`StreamingCache.check_static`).
+
 Models whose attention SDPA cannot express (Gemma 2's logit soft-capping, gpt-oss's learned sinks) attend
 with their module's own `eager_attention_forward`; they are switched to "streamkv_eager" instead, whose
 fall-through is that same function with transformers' eager (additive) masks, and whose hooks receive the
@@ -51,6 +56,9 @@ def _take_hook(key: torch.Tensor):
 
 
 def streamkv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    static = kwargs.pop("streamkv_static", None)  # a compiled decode step (compiled.py): no hook, no thread-local
+    if static is not None:
+        return static.attend(module, query, key, value, scaling), None
     hook = _take_hook(key)
     if hook is not None:
         return hook(module, query, key, value, scaling, dropout=dropout, **kwargs), None
@@ -131,18 +139,22 @@ def one_query(query: torch.Tensor, parts: list[tuple]) -> bool:
     return query.shape[2] == 1 and not any(c for *_, c in parts) and len({k.shape[1] for _, k, _, _ in parts}) == 1
 
 
-def attend_one(query: torch.Tensor, parts: list[tuple], scaling: float) -> tuple[torch.Tensor, torch.Tensor, list]:
+def attend_one(query: torch.Tensor, parts: list[tuple], scaling: float,
+               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
     """`attend_parts` for one query (a decode step; see `one_query`): plain matmuls over the parts' scores
     side by side, one softmax. Also returns each part's probabilities summed over the query heads of each
     KV head, [Hkv, n_i] (what `received_attention` computes), so a policy that observes attention does not
     score the keys twice. Why: the fused kernel's blocking costs ~175 us a call for one query over ~1k keys
     (2 calls per layer: 10 ms of a 40 ms `memory` step on 2 cores), and the scores of one query are small.
-    Scores and softmax in float32 whatever the model's dtype, as the fused kernel does."""
+    Scores and softmax in float32 whatever the model's dtype, as the fused kernel does. `bias` [n_0] is added
+    to the first part's scores (a compiled step's buffer: -inf for its unused slots)."""
     b, hq, _, d = query.shape
     hkv = parts[0][1].shape[1]
     g = hq // hkv
     scores = [torch.matmul(q_rot.reshape(b, hkv, g, d).float(), k.float().transpose(-1, -2)).mul_(scaling)
               for q_rot, k, _, _ in parts]  # each [1, Hkv, g, n_i]: the g query heads of a KV head as rows
+    if bias is not None:
+        scores[0] = scores[0] + bias
     s = torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0]  # [1, Hkv, g, n]
     lse = torch.logsumexp(s, dim=-1, keepdim=True)  # [1, Hkv, g, 1]
     p = s.sub_(lse).exp_()

@@ -1,4 +1,4 @@
-"""A compiled decode step: `torch.compile` of the one-token forward, for the slot-table policies (sink, window).
+"""A compiled decode step: `torch.compile` of the one-token forward, for sink, window and memory.
 
 Why: at one token per step a 135M model runs ~800 small ops, and on a 2-core CPU their per-op cost (Python,
 dispatch, allocation) is a large share of a step next to the weight reads (issue 10's profile: ~28 of 95 ms).
@@ -9,8 +9,16 @@ makes the step's plan before the forward, in eager Python, and hands the layers 
 only (the slot the new token goes to, the pinned slots and their rotation). In steady state (cache full)
 every layer then writes one slot and attends over its whole buffer, so the shapes are the same at every
 position and the step is traced once per model and cache shape, then replayed. Steps that are not steady
-(the cache still filling, a position restart, prefill chunks) and policies that choose tokens in Python
-(memory, h2o, sirllm, duo) run eagerly: the same cache code, so both paths keep one state.
+(the cache still filling, a position restart, prefill chunks) and policies that score tokens at every step
+(h2o, sirllm, duo) run eagerly: the same cache code, so both paths keep one state.
+
+`memory` attends itself (sinks + window + retrieved blocks, the query rotated for the blocks). Its steps
+between two choices of blocks change only the new token's slot, so they are steady too (`MemoryCache.
+_static_steady`): every layer attends its whole slot buffer, the slots not in use masked (the window
+refills after each block leaves), plus the K*B retrieved tokens, through the policy's own `_attend_static`.
+That function reaches the traced attention as a keyword argument of the forward (`streamkv_static`), which
+transformers hands on to every layer's attention function; steps that choose blocks, read them from the
+store, evict or store a block run eagerly.
 
 Exactness: the compiled step runs the same arithmetic as the eager one, reordered by inductor's fusions
 (float32: logits within 1e-4 of eager, tests/test_compiled.py). Where compiling fails (no C++ compiler, an
@@ -27,8 +35,11 @@ _STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, _Decode]" = weakref.WeakKeyD
 
 
 def _forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    static = cache._static
+    # a policy that attends itself: its static step reaches the attention function through the forward's kwargs
+    extra = {"streamkv_static": static} if static is not None and static.attend is not None else {}
     return model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
-                 logits_to_keep=1).logits
+                 logits_to_keep=1, **extra).logits
 
 
 class _Decode:
@@ -44,16 +55,21 @@ class _Decode:
         self.steps = 0  # compiled steps run (tests check the path was taken)
 
     def __call__(self, model, cache, input_ids, position_ids) -> torch.Tensor:
+        out = None
         if self.failed is None:
             try:
                 out = self.fn(model, cache, input_ids, position_ids)
                 self.steps += 1
-                return out
             except Exception as e:  # noqa: BLE001 - any compile failure: warn once, decode eagerly
                 self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 warnings.warn(f"compiled decoding is unavailable for this model ({self.failed}); decoding eagerly",
                               RuntimeWarning, stacklevel=3)
-        return _forward(model, cache, input_ids, position_ids)
+                if cache._static is not None:
+                    cache._static.calls = 0  # the eager run below does the step again (its writes are idempotent)
+        if out is None:  # the same step, not compiled (the cache's writes are the same: a slot and the pins)
+            out = _forward(model, cache, input_ids, position_ids)
+        cache.check_static()
+        return out
 
 
 def enable(model) -> None:

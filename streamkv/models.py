@@ -104,7 +104,8 @@ def load(name: str | None = None, dtype: str = DEFAULT_DTYPE, threads: int | Non
 
     quantize: 'none', 'int8' or 'int4': replace the linear layers' weights after loading (CPU only; see
     streamkv/quantize.py). device: 'cpu' (default) or 'cuda[:N]'; checked before anything is loaded.
-    compile: decode steps of sink/window sessions run a `torch.compile`d forward (streamkv/compiled.py)."""
+    compile: decode steps of sink/window sessions (and memory's between two choices of blocks) run a
+    `torch.compile`d forward (streamkv/compiled.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -65,6 +65,90 @@ def test_restart_steps_run_eagerly_and_sessions_share_the_graph():
     assert step.failed is None and step.steps > 1200
 
 
+@pytest.mark.parametrize("arch,params", [
+    ("llama", {}),  # the defaults: fixed placement, one choice per layer
+    ("cohere", {"placement": "contiguous"}),  # interleaved rotary pairs; retrieved tokens over K*B places
+    ("llama", {"selection": "head"}),  # each KV head its own blocks
+    ("smollm3", {}),  # NoPE layers
+])
+def test_memory_compiled_decode_equals_eager(arch, params):
+    """memory's steps between two choices of blocks run compiled (its slot buffer is not full: masked) and
+    equal the eager steps; steps that choose, evict or store stay eager; the blocks attended are the same."""
+    model = make_tiny(arch, layers=2)
+    ids = _stream(500, seed=4)
+    kw = dict(sinks=4, window=24, block=8, topk=3, ram_mb=0, chunk_size=32, **params)
+    eager = StreamSession(model, None, "memory", **kw)
+    ref, ref_blocks = [eager.feed(ids[:40]).clone()], []
+    for i in range(40, 500):
+        ref.append(eager.feed(ids[i : i + 1]).clone())
+        ref_blocks.append(dict(eager.policy.retrieved))
+    compiled.enable(model)
+    try:
+        session = StreamSession(model, None, "memory", **kw)
+        step = compiled.decode_step(model)
+        out, blocks = [session.feed(ids[:40]).clone()], []
+        for i in range(40, 500):
+            out.append(session.feed(ids[i : i + 1]).clone())
+            blocks.append(dict(session.policy.retrieved))
+    finally:
+        compiled.disable(model)
+    assert step.failed is None
+    # 460 one-token steps: every 4th chooses its blocks, one in 8 evicts a block (then the next compacts), the
+    # store needs 3 blocks first; the rest (~60%) are compiled
+    assert 250 < step.steps < 345, step.steps
+    for i, (a, b) in enumerate(zip(ref, out)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=f"step {i}")
+    assert blocks == ref_blocks
+    assert session.policy.hits == eager.policy.hits
+    assert torch.equal(session.policy.seq, eager.policy.seq) and torch.equal(session.policy.pos, eager.policy.pos)
+    assert session.policy.max_position < 500  # through position restarts
+
+
+def test_memory_steps_that_choose_stay_eager():
+    """reselect=1 chooses blocks at every step, InfLLM's attention rule observes attention at every step:
+    neither has a step the fixed-shape path can take."""
+    model = make_tiny("llama", layers=1)
+    ids = _stream(200, seed=5)
+    compiled.enable(model)
+    try:
+        step = compiled.decode_step(model)
+        for params in ({"reselect": 1}, {"rep_rule": "attention"}):
+            s = StreamSession(model, None, "memory", sinks=2, window=16, block=4, topk=2, ram_mb=0, **params)
+            ref = StreamSession(model, None, "memory", sinks=2, window=16, block=4, topk=2, ram_mb=0, **params)
+            for i in range(200):
+                torch.testing.assert_close(s.feed(ids[i : i + 1]), ref.feed(ids[i : i + 1]), atol=0, rtol=0)
+    finally:
+        compiled.disable(model)
+    assert step.steps == 0
+
+
+def test_memory_compiled_step_refuses_a_model_that_drops_attention_kwargs(monkeypatch):
+    """The compiled memory step reaches attention through the forward's kwargs. A model that does not pass
+    them on (simulated: an attention function that drops them and attends the buffer itself) would attend
+    the unused slots and miss the retrieved blocks: refused with a clear error, not garbage."""
+    from transformers import AttentionInterface
+
+    from streamkv.attention import streamkv_attention
+    from streamkv.rope import UnsupportedModelError
+
+    def drops_kwargs(module, query, key, value, attention_mask, **kwargs):  # the eager steps' hooks still work
+        kwargs.pop("streamkv_static", None)
+        return streamkv_attention(module, query, key, value, attention_mask, **kwargs)
+
+    model = make_tiny("llama", layers=1)
+    ids = _stream(200, seed=6)
+    session = StreamSession(model, None, "memory", sinks=2, window=16, block=4, topk=2, ram_mb=0)
+    session.feed(ids[:100])  # choose, evict and store eagerly first
+    monkeypatch.setitem(AttentionInterface._global_mapping, "streamkv", drops_kwargs)
+    compiled.enable(model)
+    try:
+        with pytest.raises(UnsupportedModelError, match="does not pass its forward's keyword arguments"):
+            for i in range(100, 200):
+                session.feed(ids[i : i + 1])
+    finally:
+        compiled.disable(model)
+
+
 def test_policies_that_choose_in_python_stay_eager():
     model = make_tiny("llama", layers=1)
     ids = _stream(200, seed=2)
@@ -125,6 +209,29 @@ def test_embedded_model_compiled_decode_equals_eager():
     b.feed(ids[:70])
     for i, g in zip(range(70, 170), got):
         torch.testing.assert_close(g, b.feed(ids[i : i + 1]), atol=1e-4, rtol=0)
+
+
+def test_embedded_model_memory_compiled_decode_equals_eager():
+    """SmolLM2-135M in float32, memory with its defaults over 2,400 tokens of filler and a fact: 120 decode
+    steps compiled vs eager (logits 1e-4, the same blocks)."""
+    from streamkv.models import load
+
+    model, tok = load(threads=2, compile=True)
+    text = "The grass is green. The sky is blue. The sun is yellow. " * 200
+    ids = torch.tensor(tok("The pass key is 71432. " + text)["input_ids"][:2520])
+    try:
+        a = StreamSession(model, tok, "memory", ram_mb=0, chunk_size=256)
+        a.feed(ids[:2400])
+        got = [a.feed(ids[i : i + 1]).clone() for i in range(2400, 2520)]
+        step = compiled.decode_step(model)
+        assert step.failed is None and step.steps >= 80, step.steps
+    finally:
+        compiled.disable(model)
+    b = StreamSession(model, tok, "memory", ram_mb=0, chunk_size=256)
+    b.feed(ids[:2400])
+    for i, g in zip(range(2400, 2520), got):
+        torch.testing.assert_close(g, b.feed(ids[i : i + 1]), atol=1e-4, rtol=0)
+    assert a.policy.retrieved == b.policy.retrieved
 
 
 def test_cli_generate_with_compile(capsys):

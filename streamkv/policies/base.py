@@ -18,7 +18,9 @@ How it works (read this first)
   plan *before* the forward, and in steady state (every slot in use, no re-rotation but the sinks') hands
   the layers a `_StaticStep` of index tensors; `apply_static` writes the new token's slot and the pinned
   keys with `index_copy_` and returns the whole buffer. The table bookkeeping stays eager Python, outside
-  the traced region; steps that are not steady take the ordinary path with the plan already made.
+  the traced region; steps that are not steady take the ordinary path with the plan already made. A policy
+  that attends itself says which of its steps are steady (`_static_steady`) and attends them itself over
+  the whole buffer, unused slots masked (`_static_extras`: memory between two choices of blocks).
 
 Positions ("by place in the cache", as StreamingLLM)
 -----------------------------------------------------
@@ -125,9 +127,13 @@ class _Plan:
     def cos_sin(self, rope: RopeSpec, which: str) -> tuple:
         """(cos, sin) of this step's 'rot' or 'pin' deltas for the layers rotating like `rope`: computed once
         per step and distinct layer description, shared by the layers that have it."""
+        return self.cos_sin_of(rope, which, self.rot_delta if which == "rot" else self.pin_delta)
+
+    def cos_sin_of(self, rope: RopeSpec, which: str, delta: torch.Tensor) -> tuple:
+        """`cos_sin` of another rotation of this step (`which` names it, e.g. a policy's query rotation)."""
         key = (id(rope), which)
         if key not in self._cs:
-            self._cs[key] = rope.cos_sin(self.rot_delta if which == "rot" else self.pin_delta)
+            self._cs[key] = rope.cos_sin(delta)
         return self._cs[key]
 
 
@@ -139,6 +145,12 @@ class _StaticStep:
     pin_slots: torch.Tensor  # [S]: slots of the pinned tokens ...
     pin_idx: torch.Tensor  # [S]: ... their pristine copies ...
     pin_cos_sin: list  # ... per layer (cos, sin) [S, rotary_dim] of their rotation
+    # a policy that attends itself (memory) also gets its attention traced: the model's attention function
+    # calls `attend(module, query, keys, values, scaling)` (passed through the forward's kwargs, attention.py)
+    attend: object = None
+    bias: torch.Tensor | None = None  # [capacity]: 0 for the slots in use, -inf for the rest (the buffer is not full)
+    parts: list = field(default_factory=list)  # per layer: what `attend` reads besides the buffers (memory: blocks)
+    calls: int = 0  # layers `attend` served (checked after the step: a model that drops the kwargs is refused)
 
 
 class StreamingLayer(CacheLayerMixin):
@@ -658,9 +670,20 @@ class StreamingCache(Cache):
     @property
     def static_decode_capable(self) -> bool:
         """Whether this policy's decode steps can take the fixed-shape path: the slot table alone (sink,
-        window). Policies that attend themselves, observe, keep evicted tokens or reserve a gap run Python
-        per step (block choice, scores) and stay eager; so do hybrids (their recurrent layers)."""
+        window), or a policy that says which of its steps are steady and attends them itself
+        (`_static_steady`, `_static_extras`: memory). Policies that score tokens at every step (h2o, sirllm,
+        duo) stay eager; so do hybrids (their recurrent layers) and models with local layers."""
         return self.budget is not None and not self._custom and not self.local_windows and not self._recurrent_protos
+
+    def _static_steady(self, plan: _Plan) -> bool:
+        """Whether the one-token step `plan` is steady: the cache full, the new token into the slot the last
+        step freed, no re-rotation but the pinned tokens', no new pin."""
+        return (plan.append_slot is not None and plan.n_view == plan.capacity and not plan.rot_slots.numel()
+                and not plan.new_pins and len(self.layers) == self.n_layers
+                and all(l.is_initialized for l in self.layers))
+
+    def _static_extras(self, plan: _Plan, step: _StaticStep) -> None:
+        """A policy that attends its static steps itself fills in `step.attend`, `bias` and `parts` here."""
 
     def prepare_decode(self) -> bool:
         """Make the plan of the next one-token step now, outside the model's forward. True when it is a
@@ -674,12 +697,13 @@ class StreamingCache(Cache):
         plan = self._make_plan(1)
         self._n_kept_before = n_kept
         layers = self.layers
-        steady = (plan.append_slot is not None and plan.n_view == plan.capacity and not plan.rot_slots.numel()
-                  and not plan.new_pins and len(layers) == self.n_layers and all(l.is_initialized for l in layers))
-        if not steady:
+        if not self._static_steady(plan):
             self._ready = plan
             return False
-        self._plan, self._attended = plan, set()
+        # the model asks the cache's length (for a mask the static step does not use, and a cache_position):
+        # a constant, or the traced graph would specialise on it (a policy whose buffer is not always full)
+        self._n_kept_before = self.budget
+        self._plan, self._attended = plan, set(range(self.n_layers))  # the static step checks its own calls
         cos_sin = []
         for layer, rope in zip(layers, self.ropes):
             cos, sin = plan.cos_sin(rope, "pin")  # computed once per distinct layer description
@@ -687,7 +711,20 @@ class StreamingCache(Cache):
         device = layers[0].keys.device
         self._static = _StaticStep(torch.tensor([plan.append_slot], device=device), plan.pin_slots.to(device),
                                    plan.pin_idx.to(device), cos_sin)
+        self._static_extras(plan, self._static)
         return True
+
+    def check_static(self) -> None:
+        """After a static step's forward: a policy that attends itself must have served every attention
+        layer (the model passes its forward's kwargs on to the attention function; one that did not would
+        have attended the whole buffer, unused slots and all, through SDPA)."""
+        step = self._static
+        if step is not None and step.attend is not None and step.calls != len(self.attention_layers):
+            raise UnsupportedModelError(
+                f"policy {self.name!r}: {step.calls} of this model's {len(self.attention_layers)} attention layers "
+                "reached streamkv's compiled step (the model does not pass its forward's keyword arguments on to "
+                "its attention function); decode without --compile for this model."
+            )
 
     def end_decode(self) -> None:
         """After the step's forward (also when it failed)."""

@@ -150,6 +150,54 @@ class MemoryCache(StreamingCache):
         self._decode_run = self._decode_run + 1 if q == 1 else 0
         return super()._make_plan(q)
 
+    # ---- the compiled decode step (streamkv/compiled.py) ------------------------------------------------
+    # Between two choices of blocks (3 decode steps in 4 with reselect=4) a step changes nothing but the new
+    # token's slot: no eviction, the same blocks, the same places. Those steps take the fixed-shape path:
+    # every layer attends its whole slot buffer (the slots not in use masked: after a block is evicted the
+    # window refills over 64 steps) plus its K*B retrieved tokens, with the query rotated for them, as
+    # `attend` does. Steps that choose, fetch, evict or store stay eager: the same state, one code path each.
+    @property
+    def static_decode_capable(self) -> bool:
+        return (self.budget is not None and not self.observe and not self.local_windows
+                and not self._recurrent_protos)
+
+    def _static_steady(self, plan) -> bool:
+        if not (plan.append_slot is not None and plan.evict_src is None and not plan.rot_slots.numel()
+                and not plan.new_pins and len(self.layers) == self.n_layers
+                and all(l.is_initialized for l in self.layers)):
+            return False
+        k = self._n_retrieved()
+        if not plan.gap or k < self.topk or self._decode_run % self.reselect == 0:
+            return False  # the store is still small, or this step chooses its blocks
+        for i in self.stored_layers:  # every layer holds the K blocks it chose last, read in full
+            prev, f = self.retrieved.get(i), self._fetched.get(i)
+            if not prev or f is None or f[0] != prev or f[1].shape[2] != k * self.block:
+                return False
+        return True
+
+    def _static_extras(self, plan, step) -> None:
+        device = step.slot.device
+        n = plan.capacity
+        step.bias = torch.zeros(n, device=device).masked_fill_(torch.arange(n, device=device) >= plan.n_view,
+                                                              float("-inf"))  # [capacity]
+        delta = torch.tensor([(plan.gap if self.placement == "contiguous" else 1) - plan.window_start])
+        step.parts = [None] * self.n_layers
+        for i in self.stored_layers:  # (cos, sin) of the query's rotation, once per distinct rope
+            f, rope = self._fetched[i], self.rope_for_layer(i)
+            step.parts[i] = (f[1], f[2], *plan.cos_sin_of(rope, "mem", delta))
+        step.attend = self._attend_static
+        self.hits["reused"] += len(self.stored_layers)
+
+    def _attend_static(self, module, query, keys, values, scaling):
+        """A static step's attention (traced): what `attend` computes when it reuses the last choice, over the
+        whole buffer [1, H, capacity, D] with its unused slots masked."""
+        step = self._static
+        mem_k, mem_v, cos, sin = step.parts[module.layer_idx]
+        q_mem = self.rope_for_layer(module.layer_idx).apply(query, cos, sin)  # [1, Hq, 1, D]
+        out, _, _ = attend_one(query, [(query, keys, values, False), (q_mem, mem_k, mem_v, False)], scaling, step.bias)
+        step.calls += 1
+        return out
+
     # ---- attention ----------------------------------------------------------------------------------
     def attend(self, layer_idx, module, query, keys, values, scaling):
         plan, layer, rope = self._plan, self.layers[layer_idx], self.rope_for_layer(layer_idx)

@@ -18,7 +18,7 @@ class ServerConfig:
     model_name: str = "embedded"  # the id clients pass as `model` and /v1/models lists
     dtype: str = DEFAULT_DTYPE
     quantize: str = QUANTIZE_MODES[0]  # weight-only int8/int4 of the linears (see streamkv/quantize.py)
-    compile: bool = False  # torch.compile the one-token decode step of sink/window sessions (streamkv/compiled.py)
+    compile: bool = False  # torch.compile the one-token decode step of sink/window/memory sessions (streamkv/compiled.py)
     device: str = DEFAULT_DEVICE
     threads: int = 2
     workers: int = 1  # compute threads (forwards); each runs one session's step at a time
