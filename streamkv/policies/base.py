@@ -704,13 +704,20 @@ class StreamingCache(Cache):
         # a constant, or the traced graph would specialise on it (a policy whose buffer is not always full)
         self._n_kept_before = self.budget
         self._plan, self._attended = plan, set(range(self.n_layers))  # the static step checks its own calls
+        # every pinned key, moved this step or not, from its pristine copy to where the plan put it: the same
+        # shapes at every step (sink moves them all at each step; memory only after a block left, and a
+        # graph per count would compile again)
+        seq = self.seq[: plan.n_view]
+        pin_slots = ((seq >= 0) & (seq < self.sinks)).nonzero().squeeze(1)  # [S]
+        pin_idx = seq[pin_slots]
+        pin_delta = self.pos[pin_slots] - self.pin_pos[pin_idx]
         cos_sin = []
         for layer, rope in zip(layers, self.ropes):
-            cos, sin = plan.cos_sin(rope, "pin")  # computed once per distinct layer description
+            cos, sin = plan.cos_sin_of(rope, "static pin", pin_delta)  # once per distinct layer description
             cos_sin.append((cos.to(layer.keys.device, layer.keys.dtype), sin.to(layer.keys.device, layer.keys.dtype)))
         device = layers[0].keys.device
-        self._static = _StaticStep(torch.tensor([plan.append_slot], device=device), plan.pin_slots.to(device),
-                                   plan.pin_idx.to(device), cos_sin)
+        self._static = _StaticStep(torch.tensor([plan.append_slot], device=device), pin_slots.to(device),
+                                   pin_idx.to(device), cos_sin)
         self._static_extras(plan, self._static)
         return True
 
