@@ -676,11 +676,14 @@ class StreamingCache(Cache):
         return self.budget is not None and not self._custom and not self.local_windows and not self._recurrent_protos
 
     def _static_steady(self, plan: _Plan) -> bool:
-        """Whether the one-token step `plan` is steady: the cache full, the new token into the slot the last
-        step freed, no re-rotation but the pinned tokens', no new pin."""
-        return (plan.append_slot is not None and plan.n_view == plan.capacity and not plan.rot_slots.numel()
-                and not plan.new_pins and len(self.layers) == self.n_layers
-                and all(l.is_initialized for l in self.layers))
+        """Whether the one-token step `plan` is steady: a one-slot step (below) with the cache full."""
+        return self._one_slot_step(plan) and plan.n_view == plan.capacity
+
+    def _one_slot_step(self, plan: _Plan) -> bool:
+        """The step writes the new token into one slot and moves nothing but the pinned tokens (no other
+        re-rotation, no new pin), and every layer has its buffers."""
+        return (plan.append_slot is not None and not plan.rot_slots.numel() and not plan.new_pins
+                and len(self.layers) == self.n_layers and all(l.is_initialized for l in self.layers))
 
     def _static_extras(self, plan: _Plan, step: _StaticStep) -> None:
         """A policy that attends its static steps itself fills in `step.attend`, `bias` and `parts` here."""

@@ -162,9 +162,7 @@ class MemoryCache(StreamingCache):
                 and not self._recurrent_protos)
 
     def _static_steady(self, plan) -> bool:
-        if not (plan.append_slot is not None and plan.evict_src is None and not plan.rot_slots.numel()
-                and not plan.new_pins and len(self.layers) == self.n_layers
-                and all(l.is_initialized for l in self.layers)):
+        if not self._one_slot_step(plan) or plan.evict_src is not None:  # (its buffer need not be full: masked)
             return False
         k = self._n_retrieved()
         if not plan.gap or k < self.topk or self._decode_run % self.reselect == 0:
