@@ -110,6 +110,31 @@ def test_memory_compiled_decode_equals_eager(arch, params):
     assert session.policy.max_position < 500  # through position restarts
 
 
+def test_a_model_of_the_same_shapes_reuses_the_graph_with_its_own_weights():
+    """Graphs are shared across models of one architecture and shape (the weights are inputs of the graph, not
+    constants): a second model with other weights runs the first one's graph and still equals its own eager run."""
+    from torch._dynamo.utils import counters
+
+    ids = _stream(300, seed=7)
+    kw = dict(sinks=4, window=24, block=8, topk=3, ram_mb=0, chunk_size=32)
+    graphs = []
+    for seed in (11, 12):
+        model = make_tiny("llama", layers=2, seed=seed)
+        ref = StreamSession(model, None, "memory", **kw)
+        expected = [ref.feed(ids[:40]).clone()] + [ref.feed(ids[i : i + 1]).clone() for i in range(40, 300)]
+        compiled.enable(model)
+        try:
+            s = StreamSession(model, None, "memory", **kw)
+            got = [s.feed(ids[:40]).clone()] + [s.feed(ids[i : i + 1]).clone() for i in range(40, 300)]
+            assert compiled.decode_step(model).steps > 100
+        finally:
+            compiled.disable(model)
+        graphs.append(counters["stats"]["unique_graphs"])
+        for i, (a, b) in enumerate(zip(expected, got)):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=f"seed {seed}, step {i}")
+    assert graphs[1] == graphs[0]  # the second model compiled nothing new
+
+
 def test_memory_compiled_step_refuses_a_model_that_drops_attention_kwargs(monkeypatch):
     """The compiled memory step reaches attention through the forward's kwargs. A model that does not pass
     them on (simulated: an attention function that drops them and attends the buffer itself) would attend
