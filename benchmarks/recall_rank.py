@@ -23,7 +23,6 @@ from long_stream import CHECKPOINTS  # noqa: E402
 from streamkv.evaluation.passkey import QUESTION, answer, make_key, make_prompt, score  # noqa: E402
 from streamkv.models import load  # noqa: E402
 from streamkv.policies import make_policy  # noqa: E402
-from streamkv.policies.memory import SCORING_QUERIES  # noqa: E402
 from streamkv.session import StreamSession  # noqa: E402
 
 
@@ -46,13 +45,7 @@ def main() -> int:
     def recorded(layer_idx, query, gap, window_start):  # `MemoryCache._select`, and the scores of every block
         ids = choose(layer_idx, query, gap, window_start)
         if recording[0]:
-            n = pol.store.n_blocks
-            reps = pol.index[layer_idx][:, :n]  # [H, n, r, D]
-            hkv, _, r, d = reps.shape
-            qs = query[:, :, -SCORING_QUERIES:]
-            qbar = pol.rope_for_layer(layer_idx).rotate(qs, gap // 2 - window_start).mean(dim=2)[0].view(hkv, -1, d).float()
-            scores = torch.bmm(reps.reshape(hkv, n * r, d).float(), qbar.transpose(1, 2))  # [H, n*r, g]
-            scores = scores.view(hkv, n, r, -1).amax(dim=2).sum(dim=2).sum(dim=0)  # [n], as `_select` ranks them
+            scores = pol.block_scores(layer_idx, query, gap, window_start).sum(dim=0)  # [n], as `_select` ranks them
             rec.append({"layer": layer_idx, "q": query.shape[2], "seen": pol.seen,
                         "ranks": [int((scores > scores[b]).sum()) for b in key_blocks],
                         "chosen": [b in ids for b in key_blocks]})

@@ -673,7 +673,11 @@ class StreamingCache(Cache):
         window), or a policy that says which of its steps are steady and attends them itself
         (`_static_steady`, `_static_extras`: memory). Policies that score tokens at every step (h2o, sirllm,
         duo) stay eager; so do hybrids (their recurrent layers) and models with local layers."""
-        return self.budget is not None and not self._custom and not self.local_windows and not self._recurrent_protos
+        return self._static_layout() and not self._custom
+
+    def _static_layout(self) -> bool:
+        """A bounded cache of slot-table layers only (no local layers' own buffers, no recurrent layers)."""
+        return self.budget is not None and not self.local_windows and not self._recurrent_protos
 
     def _static_steady(self, plan: _Plan) -> bool:
         """Whether the one-token step `plan` is steady: a one-slot step (below) with the cache full."""

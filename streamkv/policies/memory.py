@@ -157,9 +157,8 @@ class MemoryCache(StreamingCache):
     # window refills over 64 steps) plus its K*B retrieved tokens, with the query rotated for them, as
     # `attend` does. Steps that choose, fetch, evict or store stay eager: the same state, one code path each.
     @property
-    def static_decode_capable(self) -> bool:
-        return (self.budget is not None and not self.observe and not self.local_windows
-                and not self._recurrent_protos)
+    def static_decode_capable(self) -> bool:  # not with the attention rule: it observes attention at every step
+        return self._static_layout() and not self.observe
 
     def _static_steady(self, plan) -> bool:
         if not self._one_slot_step(plan) or plan.evict_src is not None:  # (its buffer need not be full: masked)
@@ -245,6 +244,15 @@ class MemoryCache(StreamingCache):
         if n_blocks <= k:
             every = list(range(n_blocks))
             return [every] * self.index[layer_idx].shape[0] if self.selection == "head" else every
+        scores = self.block_scores(layer_idx, query, gap, window_start)  # [Hkv, n]
+        if self.selection == "head":  # each KV head its own K blocks
+            return [sorted(row) for row in scores.topk(k, dim=1).indices.tolist()]
+        return sorted(scores.sum(dim=0).topk(k).indices.tolist())  # one choice, by the sum over heads
+
+    def block_scores(self, layer_idx: int, query: torch.Tensor, gap: int, window_start: int) -> torch.Tensor:
+        """How well every stored block matches this step's last queries, per KV head [Hkv, n_blocks] (what
+        `_select` ranks; benchmarks/recall_rank.py reads the rank of a given block from it)."""
+        n_blocks = self.store.n_blocks
         reps = self.index[layer_idx][:, :n_blocks]  # [H, n, r, D] at position 0 (float16)
         hkv, _, r, d = reps.shape
         query = query[:, :, -SCORING_QUERIES:]  # [1, Hq, <=16, D]
@@ -254,10 +262,7 @@ class MemoryCache(StreamingCache):
         # one batched matmul per layer, in float32: [Hkv, n*r, D] @ [Hkv, D, g] -> [Hkv, n*r, g]. (An einsum over
         # the old [n, H, r, D] layout cost 10x more: 400 ms a step for 30 layers at 4,096 blocks, a 256k stream.)
         scores = torch.bmm(reps.reshape(hkv, n_blocks * r, d).float(), qbar.transpose(1, 2))
-        scores = scores.view(hkv, n_blocks, r, -1).amax(dim=2).sum(dim=2)  # best representative, summed over a group: [Hkv, n]
-        if self.selection == "head":  # each KV head its own K blocks
-            return [sorted(row) for row in scores.topk(k, dim=1).indices.tolist()]
-        return sorted(scores.sum(dim=0).topk(k).indices.tolist())  # one choice, by the sum over heads
+        return scores.view(hkv, n_blocks, r, -1).amax(dim=2).sum(dim=2)  # best representative, summed over a group: [Hkv, n]
 
     def _fetch(self, layer_idx: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of the retrieved blocks [1, H, G, D], keys rotated once from the store's copy to their
