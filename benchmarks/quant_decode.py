@@ -11,6 +11,8 @@ without the sampler). `memory` re-chooses its blocks every 4th step (eagerly, re
 the store): its mean over the steps is what a user waits per token, and is reported beside the median. The JSON records lscpu (CPU model and
 flags), torch version, threads and the load average around every child. With `llamacpp` in --settings the
 peer runs too, in its own processes in the same rotation, and the summary gives each setting's ratio to it.
+A setting may change the policy's parameters after a colon (`int4+compile:reselect=8`), so two variants of
+one policy alternate in one run.
 
     nice -n 10 python benchmarks/quant_decode.py --rounds 3 --out docs/results/quant_decode.json \\
         --plot docs/results/quant_decode.png
@@ -52,15 +54,16 @@ def child(args) -> dict:
     from streamkv.models import load
     from streamkv.session import StreamSession
 
-    model, tok = load(None, threads=args.threads, **SETTINGS[args.child])
+    setting, overrides = split_setting(args.child)
+    model, tok = load(None, threads=args.threads, **SETTINGS[setting])
     ids = torch.tensor(filler_text(tok, args.position + args.steps + 1), dtype=torch.long)
-    policy = POLICIES[args.policy]
+    policy = {**POLICIES[args.policy], **overrides}
     with torch.inference_mode():
         warm = StreamSession(model, tok, chunk_size=512, **policy)
         # first calls JIT oneDNN kernels and touch fresh memory: not what we measure; with compile, the
         # steps after the cache is full (sink: 1,024 tokens; memory: 16 blocks stored) compile the decode
         # step, also not measured
-        n = {"sink": 1030, "memory": 1900}[args.policy] if SETTINGS[args.child].get("compile") else 600
+        n = {"sink": 1030, "memory": 1900}[args.policy] if SETTINGS[setting].get("compile") else 600
         warm.feed(ids[:n])
         for i in range(n, n + 8):
             warm.feed(ids[i : i + 1])
@@ -76,7 +79,7 @@ def child(args) -> dict:
             times.append(time.perf_counter() - t0)
     q = getattr(model, "streamkv_quantization", {})
     step = compiled.decode_step(model)
-    return {"setting": args.child, **SETTINGS[args.child], "policy": session.policy.describe(), "threads": torch.get_num_threads(),
+    return {"setting": args.child, **SETTINGS[setting], "policy": session.policy.describe(), "threads": torch.get_num_threads(),
             "compiled_steps": step.steps if step else 0, "compile_failed": step.failed if step else None,
             "position": args.position, "tokens_cached": session.stats()["tokens_cached"],
             "prefill_tokens": args.position, "prefill_seconds": prefill_s,
@@ -84,6 +87,21 @@ def child(args) -> dict:
             "decode_ms": [1000 * t for t in times], "decode_ms_median": 1000 * statistics.median(times),
             "decode_ms_mean": 1000 * statistics.fmean(times), "weight_bytes": q.get("weight_bytes"),
             "quantization": q}
+
+
+def split_setting(label: str) -> tuple[str, dict]:
+    """'int4+compile:reselect=8' -> ('int4+compile', {'reselect': 8}): a setting with policy parameters
+    changed (as the CLI's `memory:reselect=8`), so two variants of one policy alternate in one run."""
+    setting, _, rest = label.partition(":")
+    if setting not in SETTINGS:
+        raise SystemExit(f"unknown setting {setting!r}: choose from {', '.join(SETTINGS)} (then :key=value;...)")
+    overrides = {}
+    for item in filter(None, rest.split(";")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"setting {label!r}: policy parameters are key=value, got {item!r}")
+        overrides[key] = int(value) if value.lstrip("-").isdigit() else value
+    return setting, overrides
 
 
 def child_llamacpp(args) -> dict:
@@ -163,7 +181,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", default=",".join(SETTINGS),
                    help=f"comma-separated subset of {', '.join(SETTINGS)}, and {PEER} (the peer, if llama-cpp-python "
-                        "is installed: pip install llama-cpp-python, ~15 min to build)")
+                        "is installed: pip install llama-cpp-python, ~15 min to build); a setting may change the "
+                        "policy's parameters after a colon, ';'-separated: int4+compile:reselect=8")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--position", type=int, default=2048, help="stream position of the decode steps")
@@ -172,7 +191,7 @@ def main() -> int:
                    help="the cache the streamkv settings decode with (the peer always uses its context shift)")
     p.add_argument("--out", default="quant_decode.json")
     p.add_argument("--plot", default="", help="PNG (optional)")
-    p.add_argument("--child", choices=[*SETTINGS, PEER], help=argparse.SUPPRESS)
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child_llamacpp(args) if args.child == PEER else child(args)))
@@ -181,6 +200,9 @@ def main() -> int:
     import transformers
 
     settings = [s for s in args.settings.split(",") if s]
+    for label in settings:
+        if label != PEER:
+            split_setting(label)  # an unknown setting or a malformed parameter: say so before any run
     result = {"command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "threads": args.threads, "position": args.position, "steps": args.steps, "rounds": args.rounds,
               "cache": {"sink": "sink, sinks=4, window=1020 (1,024 kept tokens)",

@@ -20,6 +20,13 @@ That function reaches the traced attention as a keyword argument of the forward 
 transformers hands on to every layer's attention function; steps that choose blocks, read them from the
 store, evict or store a block run eagerly.
 
+Why the steps that choose blocks are not compiled too: each layer chooses with its own query, in mid-forward,
+and may read blocks from disk, which cannot be traced. Tried (24 Nov, not kept): letting those steps take the
+static path with the choice and fetch behind `torch.compiler.disable`. Dynamo then splits the forward at
+every layer (97 graphs for the embedded model), and the steps between choices, compiled as one graph before,
+ran ~2x slower (int4 at 8k, AMD EPYC, old/new alternated 3 times: 18.5-19.8 vs 33-39 ms); the choosing steps
+got slower too (46-56 vs 66-82 ms).
+
 Exactness: the compiled step runs the same arithmetic as the eager one, reordered by inductor's fusions
 (float32: logits within 1e-4 of eager, tests/test_compiled.py). Where compiling fails (no C++ compiler, an
 operator inductor cannot lower) the step falls back to eager with one warning, and stays eager for that model.
