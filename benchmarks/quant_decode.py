@@ -92,15 +92,14 @@ def child(args) -> dict:
 def split_setting(label: str) -> tuple[str, dict]:
     """'int4+compile:reselect=8' -> ('int4+compile', {'reselect': 8}): a setting with policy parameters
     changed (as the CLI's `memory:reselect=8`), so two variants of one policy alternate in one run."""
-    setting, _, rest = label.partition(":")
+    from streamkv.policies import parse_policy_spec
+
+    try:  # the CLI's parser (its ',' between parameters is ';' here: --settings is a ','-separated list)
+        setting, overrides = parse_policy_spec(label.replace(";", ","))
+    except ValueError as e:
+        raise SystemExit(f"setting {label!r}: {e}") from None
     if setting not in SETTINGS:
         raise SystemExit(f"unknown setting {setting!r}: choose from {', '.join(SETTINGS)} (then :key=value;...)")
-    overrides = {}
-    for item in filter(None, rest.split(";")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise SystemExit(f"setting {label!r}: policy parameters are key=value, got {item!r}")
-        overrides[key] = int(value) if value.lstrip("-").isdigit() else value
     return setting, overrides
 
 
