@@ -102,7 +102,7 @@ class StreamSession:
         if isinstance(self.policy, Recompute):
             return self.policy.forward(self.model, chunk, all_logits).float()
         step = compiled.decode_step(self.model) if chunk.shape[1] == 1 and not all_logits else None
-        if step is not None:
+        if step is not None and not step.failed:
             position_ids = self.policy.position_ids(1).to(chunk.device)
             try:
                 if self.policy.prepare_decode():  # steady state: the fixed-shape step (see compiled.py)

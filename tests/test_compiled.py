@@ -205,8 +205,11 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     assert [str(w.message) for w in caught if "compiled decoding is unavailable" in str(w.message)] == [
         "compiled decoding is unavailable for this model (RuntimeError: InductorError: no C++ compiler found); decoding eagerly"]
     assert step.steps == 0
+    # the step that failed to compile then ran the fixed-shape step eagerly (its attention summed in another
+    # order: float32 rounding); every later step takes the ordinary eager path, bit for bit
     for a, b in zip(expected, got):
-        torch.testing.assert_close(b, a, atol=0, rtol=0)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    assert sum(not torch.equal(a, b) for a, b in zip(expected, got)) <= 1
 
 
 @pytest.mark.parametrize("policy,params,text,prefill,steps,compiled_at_least", [

@@ -64,7 +64,7 @@ import uuid
 
 import torch
 
-from ..attention import attend_one, attend_parts, local_parts, one_query, received_attention
+from ..attention import attend_one, attend_one_traced, attend_parts, local_parts, one_query, received_attention
 from .base import StreamingCache
 from .blockstore import BlockStore
 
@@ -191,9 +191,8 @@ class MemoryCache(StreamingCache):
         step = self._static
         mem_k, mem_v, cos, sin = step.parts[module.layer_idx]
         q_mem = self.rope_for_layer(module.layer_idx).apply(query, cos, sin)  # [1, Hq, 1, D]
-        out, _, _ = attend_one(query, [(query, keys, values, False), (q_mem, mem_k, mem_v, False)], scaling, step.bias)
         step.calls += 1
-        return out
+        return attend_one_traced(query, [(query, keys, values, False), (q_mem, mem_k, mem_v, False)], scaling, step.bias)
 
     # ---- attention ----------------------------------------------------------------------------------
     def attend(self, layer_idx, module, query, keys, values, scaling):
