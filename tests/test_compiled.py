@@ -8,6 +8,7 @@ import torch
 from tiny import VOCAB, make_tiny
 
 from streamkv import compiled
+from streamkv.attention import attend_one, attend_one_traced
 from streamkv.session import StreamSession
 
 
@@ -253,3 +254,23 @@ def test_cli_generate_with_compile(capsys):
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
         assert main([*argv, "--compile"]) == 0
     assert capsys.readouterr().out == eager
+
+
+@pytest.mark.parametrize("compile_it", [False, True])
+def test_attend_one_traced_equals_attend_one(compile_it):
+    """The compiled steps' attention (products and reductions) against `attend_one` (matmuls), with the query a
+    view at an offset into a larger tensor (as a fused qkv projection gives), a masked first part and GQA."""
+    torch.manual_seed(0)
+    hq, hkv, d = 6, 2, 16
+    qkv = torch.randn(1, 1, (hq + 2 * hkv) * d)
+    query = qkv[..., d * 2 : d * 2 + hq * d].view(1, 1, hq, d).transpose(1, 2)  # [1, Hq, 1, D], offset 32
+    q_mem = torch.randn(1, hq, 1, d)
+    k1, v1 = torch.randn(1, hkv, 40, d), torch.randn(1, hkv, 40, d)
+    k2, v2 = torch.randn(1, hkv, 24, d), torch.randn(1, hkv, 24, d)
+    bias = torch.zeros(40).masked_fill_(torch.arange(40) >= 33, float("-inf"))
+    parts = [(query, k1, v1, False), (q_mem, k2, v2, False)]
+    expected = attend_one(query, parts, 0.25, bias)[0]  # [1, 1, Hq, D]
+    fn = torch.compile(attend_one_traced, dynamic=False) if compile_it else attend_one_traced
+    got = fn(query, parts, 0.25, bias)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
