@@ -507,7 +507,7 @@ class StreamingCache(Cache):
             use_streamkv_attention(model)
         elif impl == "sdpa" and self._static_layout():  # sink/window: a compiled step attends through streamkv's function
             use_streamkv_attention(model)
-        self._model_config = model.config  # (which attention function it uses: `_static_extras`)
+        self._attn_config = model.config  # its `_attn_implementation`: the attention function the model calls now
         self._attended: set[int] = set()  # layers whose attention went through `attend` this step
 
     def _fresh_layers(self) -> list:
@@ -699,7 +699,7 @@ class StreamingCache(Cache):
         instead of the model's SDPA call (one fused-kernel call per layer: 191 us at 1,024 keys, measured);
         a model that attends with its own eager function (soft-capping, learned sinks) or another
         implementation (flash attention on a GPU) keeps it."""
-        if getattr(self._model_config, "_attn_implementation", None) == NAME:
+        if getattr(self._attn_config, "_attn_implementation", None) == NAME:
             step.attend = self._attend_static_full
 
     def _attend_static_full(self, module, query, keys, values, scaling):
