@@ -33,7 +33,11 @@ That function reaches the traced attention as a keyword argument of the forward 
 transformers hands on to every layer's attention function; steps that choose blocks, read them from the
 store, evict or store a block run eagerly.
 
-Why the steps that choose blocks are not compiled too: each layer chooses with its own query, in mid-forward,
+With `choose=ahead` (memory's parameter) a step that chooses does it after its attention, for the next
+steps: those steps are steady too, each layer's query is copied into a buffer by the traced attention, and
+`StreamingCache.finish_static` chooses and reads the blocks after the compiled forward.
+
+Why the steps that choose blocks (by default, before their attention) are not compiled too: each layer chooses with its own query, in mid-forward,
 and may read blocks from disk, which cannot be traced. Tried (24 Nov, not kept): letting those steps take the
 static path with the choice and fetch behind `torch.compiler.disable`. Dynamo then splits the forward at
 every layer (97 graphs for the embedded model), and the steps between choices, compiled as one graph before,
@@ -92,6 +96,7 @@ class _Decode:
         if out is None:  # the same step, not compiled (the cache's writes are the same: a slot and the pins)
             out = _forward(model, cache, input_ids, position_ids)
         cache.check_static()
+        cache.finish_static()
         return out
 
 

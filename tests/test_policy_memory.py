@@ -64,9 +64,10 @@ def _attended(kept, blocks, sinks, block, start, q, placement):
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox", "cohere", "smollm3", "gemma3"])
 @pytest.mark.parametrize("placement", ["contiguous", "fixed"])
-@pytest.mark.parametrize("chunks,reselect", [([1], 1), ([5, 1, 1, 9, 1, 2], 1), ([5, 1, 1, 1, 1, 1, 1, 2], 3)],
-                         ids=["token-by-token", "chunked", "chunked-reselect-3"])
-def test_one_layer_step_equals_fresh_forward_over_what_it_attends(arch, placement, chunks, reselect, rep_rule="mean"):
+@pytest.mark.parametrize("chunks,reselect,choose", [([1], 1, "current"), ([5, 1, 1, 9, 1, 2], 1, "current"),
+                                                   ([5, 1, 1, 1, 1, 1, 1, 2], 3, "current"), ([5, 1, 1, 1, 1, 1, 1, 2], 3, "ahead")],
+                         ids=["token-by-token", "chunked", "chunked-reselect-3", "chunked-reselect-3-ahead"])
+def test_one_layer_step_equals_fresh_forward_over_what_it_attends(arch, placement, chunks, reselect, choose, rep_rule="mean"):
     """One layer: a token's key/value depend on that token and its position only. So every step must equal a
     fresh forward over exactly sinks + the retrieved blocks (the policy says which) + window + new tokens,
     at the positions the placement gives: contiguous 0..n-1, or every retrieved token at the position right
@@ -74,7 +75,7 @@ def test_one_layer_step_equals_fresh_forward_over_what_it_attends(arch, placemen
     sinks, window, block, topk = 2, 6, 3, 2
     model = make_tiny(arch, layers=1)
     cache = make_policy("memory", model, sinks=sinks, window=window, block=block, topk=topk, reps=2, placement=placement,
-                        ram_mb=0, reselect=reselect, rep_rule=rep_rule)
+                        ram_mb=0, reselect=reselect, rep_rule=rep_rule, choose=choose)
     cache.max_position = 40  # many position restarts in a short stream
     ids = random_ids(220, seed=2)
     start, i, restarts, choices = 0, 0, 0, set()
@@ -156,7 +157,7 @@ def test_mean_representatives_are_the_means_of_the_block_keys_and_the_attention_
     two halves' keys, as computed at position 0 (a key fed alone at position 0 is the one-layer model's key
     there). InfLLM's rule (rep_rule=attention, which observes attention) still steps exactly: every one-layer
     step equals a fresh forward over what the policy says it attends."""
-    test_one_layer_step_equals_fresh_forward_over_what_it_attends("llama", placement, [5, 1, 1, 9, 1, 2], 1,
+    test_one_layer_step_equals_fresh_forward_over_what_it_attends("llama", placement, [5, 1, 1, 9, 1, 2], 1, "current",
                                                                   rep_rule="attention")
     model = make_tiny("llama", layers=1)
     sinks, window, block = 2, 6, 4
@@ -310,15 +311,17 @@ def test_policy_spec_with_strings():
         "memory", {"window": 512, "placement": "fixed", "store_dir": "/tmp/x"})
 
 
-@pytest.mark.parametrize("selection", ["shared", "head"])
-def test_reselect_keeps_the_choice_between_decode_steps_and_stays_exact(selection):
+@pytest.mark.parametrize("selection,choose", [("shared", "current"), ("head", "current"), ("shared", "ahead"),
+                                              ("head", "ahead")])
+def test_reselect_keeps_the_choice_between_decode_steps_and_stays_exact(selection, choose):
     """reselect=3: a prefill chunk always chooses; decode steps re-choose only every 3rd step (what is attended
-    then is checked against fresh forwards in the one-layer test above); a snapshot taken between choices
+    then is checked against fresh forwards in the one-layer test above), with choose=ahead after that step's
+    attention, so the new choice is attended from the next step on; a snapshot taken at a choosing step
     restores the same behaviour (identical logits)."""
     sinks, window, block, topk = 2, 6, 3, 2
     model = make_tiny("llama", layers=1)
     params = dict(sinks=sinks, window=window, block=block, topk=topk, reps=2, placement="contiguous", ram_mb=0,
-                  selection=selection, reselect=3)
+                  selection=selection, reselect=3, choose=choose)
     cache = make_policy("memory", model, **params)
     ids = random_ids(120, seed=4)
     for a_, b_ in ((0, 40), (40, 60)):  # the second chunk already chooses among more than topk blocks
@@ -329,7 +332,7 @@ def test_reselect_keeps_the_choice_between_decode_steps_and_stays_exact(selectio
         before = cache.retrieved[0]
         model(input_ids=ids[:, t : t + 1], position_ids=cache.position_ids(1), past_key_values=cache, use_cache=True)
         run = t - 60 + 1  # decode steps since the prefill chunk
-        if run % 3:
+        if (run % 3 if choose == "current" else run % 3 != 1 or run == 1):
             assert cache.retrieved[0] == before, f"decode step {run} re-chose"
         choices.append(cache.retrieved[0])
         if t == 80:
@@ -337,12 +340,11 @@ def test_reselect_keeps_the_choice_between_decode_steps_and_stays_exact(selectio
     assert len({str(c) for c in choices}) > 1  # it does re-choose, every third step
     a = make_policy("memory", model, **params)
     a.load_state_dict(state)
-    for t in range(81, 100):
-        x = ids[:, t : t + 1]
-        got = model(input_ids=x, position_ids=a.position_ids(1), past_key_values=a, use_cache=True).logits
+    got = [model(input_ids=ids[:, t : t + 1], position_ids=a.position_ids(1), past_key_values=a, use_cache=True).logits
+           for t in range(81, 100)]
     ref = make_policy("memory", model, **params)
     for a_, b_ in ((0, 40), (40, 60)):
         model(input_ids=ids[:, a_:b_], position_ids=ref.position_ids(b_ - a_), past_key_values=ref, use_cache=True)
-    for t in range(60, 100):
-        exp = model(input_ids=ids[:, t : t + 1], position_ids=ref.position_ids(1), past_key_values=ref, use_cache=True).logits
-    assert torch.equal(got, exp)
+    exp = [model(input_ids=ids[:, t : t + 1], position_ids=ref.position_ids(1), past_key_values=ref, use_cache=True).logits
+           for t in range(60, 100)][21:]
+    assert all(torch.equal(g, e) for g, e in zip(got, exp)) and len(got) == len(exp) == 19

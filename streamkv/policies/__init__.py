@@ -51,7 +51,7 @@ def make_policy(name: str, model, **params):
     return POLICIES[name](model, **params)
 
 
-STRING_PARAMS = {"placement", "store_dir", "pattern", "retrieval", "selection", "rep_rule"}
+STRING_PARAMS = {"placement", "store_dir", "pattern", "retrieval", "selection", "rep_rule", "choose"}
 FLOAT_PARAMS = {"decay", "sparsity"}  # every other policy parameter is an integer
 
 

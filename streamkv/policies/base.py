@@ -151,6 +151,7 @@ class _StaticStep:
     attend: object = None
     bias: torch.Tensor | None = None  # [capacity]: 0 for the slots in use, -inf for the rest (the buffer is not full)
     parts: list = field(default_factory=list)  # per layer: what `attend` reads besides the buffers (memory: blocks)
+    queries: list = field(default_factory=list)  # per layer: a buffer `attend` copies the query into (memory, choose=ahead)
     calls: int = 0  # layers `attend` served (checked after the step: a model that drops the kwargs is refused)
 
 
@@ -754,6 +755,9 @@ class StreamingCache(Cache):
                 "reached streamkv's compiled step (the model does not pass its forward's keyword arguments on to "
                 "its attention function); decode without --compile for this model."
             )
+
+    def finish_static(self) -> None:
+        """After a static step's forward, outside the traced region: a policy's own work (memory: choose ahead)."""
 
     def end_decode(self) -> None:
         """After the step's forward (also when it failed)."""

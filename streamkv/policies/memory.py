@@ -30,6 +30,12 @@ How a step works (see `attend`):
    step made decode 87 -> 136 ms a token from 8k to 64k; with 4 the median is 57 -> 59 ms (sink: 42), and
    the passkey answers at 16k/32k (10 prompts) were identical, character for character, to those of
    reselect=1 (docs/RESULTS.md section 6). `reselect=1` restores every-step choice.
+   With `choose=ahead` a decode step that chooses does it *after* its attention, with its own query, for
+   the steps that follow (it attends the standing choice itself, as the steps between choices do). Why:
+   then no decode step chooses in mid-forward, so with `--compile` every steady step runs the compiled
+   graph and the choice runs after it, eagerly (`finish_static`); the default (`current`) leaves the
+   choosing steps eager (a whole eager forward). What it saves and costs in prediction: docs/RESULTS.md
+   section 5 ("Choosing ahead").
    With `selection=head` each KV head takes its own top K (LongHeads); a layer's retrieved part stays one
    [1, H, K*B, D] tensor, slot j holding each head's j-th block. Shared is the default because it measured
    far better: passkey at 16k and 32k (5 depths, trial 0 of the grid, embedded SmolLM2-135M), shared 9/10,
@@ -71,6 +77,7 @@ from .blockstore import BlockStore
 PLACEMENTS = ("contiguous", "fixed")
 REP_RULES = ("attention", "mean")  # a block's representatives: its most attended keys (InfLLM), or part means
 SELECTIONS = ("shared", "head")  # one choice of blocks for all KV heads of a layer (InfLLM), or one per head (LongHeads)
+CHOOSE = ("current", "ahead")  # a choosing decode step chooses for itself, or after its attention for the next steps
 SCORING_QUERIES = 16  # blocks are chosen with the mean of a step's last 16 queries (see `_select`)
 
 
@@ -89,7 +96,7 @@ class MemoryCache(StreamingCache):
 
     def __init__(self, model, sinks: int = 4, window: int = 768, block: int = 64, topk: int = 16, reps: int = 2,
                  ram_mb: int = 256, store_dir: str | None = None, placement: str = "fixed", selection: str = "shared",
-                 reselect: int = 4, rep_rule: str = "mean"):
+                 reselect: int = 4, rep_rule: str = "mean", choose: str = "current"):
         for n, v in (("window", window), ("block", block), ("topk", topk), ("reps", reps), ("reselect", reselect)):
             _positive(n, v)
         if not isinstance(ram_mb, int) or isinstance(ram_mb, bool) or ram_mb < 0:
@@ -102,6 +109,9 @@ class MemoryCache(StreamingCache):
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
         if rep_rule not in REP_RULES:
             raise ValueError(f"rep_rule must be one of {', '.join(REP_RULES)}, got {rep_rule!r}")
+        if choose not in CHOOSE:
+            raise ValueError(f"choose must be one of {', '.join(CHOOSE)}, got {choose!r}")
+        self.choose = choose
         self.rep_rule = rep_rule
         self.observe = rep_rule == "attention"  # the mean rule needs no attention observed: cheaper steps
         self.selection, self.reselect = selection, reselect
@@ -120,6 +130,7 @@ class MemoryCache(StreamingCache):
         self._fetched: dict[int, tuple] = {}  # per layer: (block ids, keys [1,H,G,D] at canonical places, values)
         self.hits = {"reused": 0, "fetched": 0}  # per layer-step: retrieved set unchanged / (re)built
         self.retrieved: dict[int, list] = {}  # per layer: block ids attended at the last step (per KV head: lists)
+        self.ahead: dict[int, list] = {}  # choose=ahead: per layer, the blocks the next decode steps attend
         self.retrieval_seconds = 0.0  # spent choosing and fetching blocks (all layers), for the cost-per-step plot
 
     # ---- what is kept -------------------------------------------------------------------------------
@@ -164,13 +175,17 @@ class MemoryCache(StreamingCache):
         if not self._one_slot_step(plan) or plan.evict_src is not None:  # (its buffer need not be full: masked)
             return False
         k = self._n_retrieved()
-        if not plan.gap or k < self.topk or self._decode_run % self.reselect == 0:
-            return False  # the store is still small, or this step chooses its blocks
-        for i in self.stored_layers:  # every layer holds the K blocks it chose last, read in full
-            prev, f = self.retrieved.get(i), self._fetched.get(i)
+        if not plan.gap or k < self.topk or (self.choose == "current" and self._decode_run % self.reselect == 0):
+            return False  # the store is still small, or this step chooses its blocks before attending
+        for i in self.stored_layers:  # every layer holds the K blocks it attends now, read in full
+            prev, f = self._standing(i), self._fetched.get(i)
             if not prev or f is None or f[0] != prev or f[1].shape[2] != k * self.block:
                 return False
         return True
+
+    def _standing(self, layer_idx: int):
+        """The blocks a decode step attends when it does not choose before attending."""
+        return self.ahead.get(layer_idx) if self.choose == "ahead" else self.retrieved.get(layer_idx)
 
     def _static_extras(self, plan, step) -> None:
         device = step.slot.device
@@ -179,11 +194,21 @@ class MemoryCache(StreamingCache):
                                                               float("-inf"))  # [capacity]
         delta = torch.tensor([(plan.gap if self.placement == "contiguous" else 1) - plan.window_start])
         step.parts = [None] * self.n_layers
+        step.queries = [None] * self.n_layers  # choose=ahead: each layer's query, kept for `finish_static`
         for i in self.stored_layers:  # (cos, sin) of the query's rotation, once per distinct rope
             f, rope = self._fetched[i], self.rope_for_layer(i)
             step.parts[i] = (f[1], f[2], *plan.cos_sin_of(rope, "mem", delta))
+            step.queries[i] = f[1].new_empty((1, self.model_config.num_attention_heads, 1, f[1].shape[-1]))
+            self.retrieved[i] = f[0]
         step.attend = self._attend_static
         self.hits["reused"] += len(self.stored_layers)
+
+    def finish_static(self) -> None:
+        """After a static step (choose=ahead): a step that chooses does it now, with each layer's query."""
+        if self.choose == "ahead" and self._decode_run % self.reselect == 0:
+            plan, step = self._plan, self._static
+            for i in self.stored_layers:
+                self._choose_ahead(i, step.queries[i], plan)
 
     def _attend_static(self, module, query, keys, values, scaling):
         """A static step's attention (traced): what `attend` computes when it reuses the last choice, over the
@@ -191,6 +216,7 @@ class MemoryCache(StreamingCache):
         step = self._static
         mem_k, mem_v, cos, sin = step.parts[module.layer_idx]
         q_mem = self.rope_for_layer(module.layer_idx).apply(query, cos, sin)  # [1, Hq, 1, D]
+        step.queries[module.layer_idx].copy_(query)  # (one graph whether this step chooses ahead or not)
         step.calls += 1
         return attend_one_traced(query, [(query, keys, values, False), (q_mem, mem_k, mem_v, False)], scaling, step.bias)
 
@@ -202,10 +228,10 @@ class MemoryCache(StreamingCache):
         ids = []
         if plan.gap:
             t0 = time.perf_counter()
-            prev, k = self.retrieved.get(layer_idx), self._n_retrieved()
-            if (q == 1 and self._decode_run % self.reselect and prev
+            prev, k = self._standing(layer_idx), self._n_retrieved()
+            if (q == 1 and (self._decode_run % self.reselect or self.choose == "ahead") and prev
                     and len(prev[0] if self.selection == "head" else prev) == k):
-                ids = prev  # a decode step between choices (reselect > 1): the last choice stands
+                ids = prev  # a decode step between choices (reselect > 1), or one that chooses ahead: the last choice stands
             else:
                 ids = self._select(layer_idx, query, plan.gap, plan.window_start)
             mem_k, mem_v = self._fetch(layer_idx, ids)
@@ -215,7 +241,7 @@ class MemoryCache(StreamingCache):
             else:  # every retrieved token at window_start - 1; its key at 0
                 q_mem = rope.rotate(query, 1 - plan.window_start)
             parts.append((q_mem, mem_k, mem_v, False))
-        self.retrieved[layer_idx] = ids
+        self.retrieved[layer_idx] = self.ahead[layer_idx] = ids
         if one_query(query, parts):  # decoding: the keys' received attention comes with the output
             out, _, received = attend_one(query, parts, scaling)
             if self.observe:
@@ -224,11 +250,20 @@ class MemoryCache(StreamingCache):
             out, lse = attend_parts(query, parts, scaling)
             if self.observe:
                 layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse)
+        if plan.gap and q == 1 and self.choose == "ahead" and self._decode_run % self.reselect == 0:
+            self._choose_ahead(layer_idx, query, plan)
         evicted_scores = layer.finish_step(plan)
         if layer.evicted is not None:
             self._store_evicted(layer_idx, layer.evicted, evicted_scores, plan)
             layer.evicted = None
         return out
+
+    def _choose_ahead(self, layer_idx: int, query: torch.Tensor, plan) -> None:
+        """choose=ahead: after this step's attention, choose (and read) the blocks the next steps attend."""
+        t0 = time.perf_counter()
+        self.ahead[layer_idx] = self._select(layer_idx, query, plan.gap, plan.window_start)
+        self._fetch(layer_idx, self.ahead[layer_idx])
+        self.retrieval_seconds += time.perf_counter() - t0
 
     def _select(self, layer_idx: int, query: torch.Tensor, gap: int, window_start: int) -> list[int]:
         """The K blocks whose representatives best match this step's last `SCORING_QUERIES` queries
@@ -410,6 +445,8 @@ class MemoryCache(StreamingCache):
             d["reselect"] = self.reselect
         if self.rep_rule != "attention":
             d["rep_rule"] = self.rep_rule
+        if self.choose != "current":
+            d["choose"] = self.choose
         return d
 
     # ---- persistence --------------------------------------------------------------------------------
@@ -426,7 +463,7 @@ class MemoryCache(StreamingCache):
                            # fixed placement: which block sits in which slot, so a restored cache attends in the same
                            # order and continues with bit-identical logits
                            "slots": {l: (list(f[0]), list(f[3])) for l, f in self._fetched.items() if len(f) > 3},
-                           "retrieved": dict(self.retrieved), "decode_run": self._decode_run}
+                           "retrieved": dict(self.retrieved), "ahead": dict(self.ahead), "decode_run": self._decode_run}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -444,6 +481,7 @@ class MemoryCache(StreamingCache):
                 layer.received[:, : rec.shape[1]] = rec
         self._fetched.clear()
         self.retrieved = dict(mem.get("retrieved", {}))
+        self.ahead = dict(mem.get("ahead", {}))
         self._decode_run = mem.get("decode_run", 0)
         for l, (ids, slots) in mem.get("slots", {}).items():
             self._fetch_into_slots(l, slots, None)  # the blocks, read again, in the saved slot order
