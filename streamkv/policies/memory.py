@@ -131,6 +131,7 @@ class MemoryCache(StreamingCache):
         self.hits = {"reused": 0, "fetched": 0}  # per layer-step: retrieved set unchanged / (re)built
         self.retrieved: dict[int, list] = {}  # per layer: block ids attended at the last step (per KV head: lists)
         self.ahead: dict[int, list] = {}  # choose=ahead: per layer, the blocks the next decode steps attend
+        self._query_buffers: list = [None] * self.n_layers  # per layer: the static step's query (`_static_extras`)
         self.retrieval_seconds = 0.0  # spent choosing and fetching blocks (all layers), for the cost-per-step plot
 
     # ---- what is kept -------------------------------------------------------------------------------
@@ -194,11 +195,12 @@ class MemoryCache(StreamingCache):
                                                               float("-inf"))  # [capacity]
         delta = torch.tensor([(plan.gap if self.placement == "contiguous" else 1) - plan.window_start])
         step.parts = [None] * self.n_layers
-        step.queries = [None] * self.n_layers  # choose=ahead: each layer's query, kept for `finish_static`
+        step.queries = self._query_buffers  # choose=ahead: each layer's query, kept for `finish_static`
         for i in self.stored_layers:  # (cos, sin) of the query's rotation, once per distinct rope
             f, rope = self._fetched[i], self.rope_for_layer(i)
             step.parts[i] = (f[1], f[2], *plan.cos_sin_of(rope, "mem", delta))
-            step.queries[i] = f[1].new_empty((1, self.model_config.num_attention_heads, 1, f[1].shape[-1]))
+            if step.queries[i] is None:  # allocated once per layer, reused by every static step
+                step.queries[i] = f[1].new_empty((1, self.model_config.num_attention_heads, 1, f[1].shape[-1]))
             self.retrieved[i] = f[0]
         step.attend = self._attend_static
         self.hits["reused"] += len(self.stored_layers)
