@@ -24,7 +24,7 @@ How a step works (see `attend`):
    queries (mean of the step's last 16 queries, per query head, max over a block's representatives, summed
    over heads: one choice shared by the heads of a layer, as InfLLM) and takes the top K, in stream order.
    Scoring is one batched matmul per layer over the index; with fixed placement a changed choice reads and
-   rotates only the blocks new to it. Decode steps re-choose only every `reselect` (4) steps and keep the
+   rotates only the blocks new to it (a block's rotation computed once for all layers: `_to_zero`). Decode steps re-choose only every `reselect` (4) steps and keep the
    last choice in between; prefill chunks always choose. Why: on near-identical filler 5-6 of the 16 blocks
    change at every decode step and the ones that come back are read from disk, so re-choosing at every
    step made decode 87 -> 136 ms a token from 8k to 64k; with 4 the median is 57 -> 59 ms (sink: 42), and
@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 
 import torch
 
@@ -78,6 +79,7 @@ PLACEMENTS = ("contiguous", "fixed")
 REP_RULES = ("attention", "mean")  # a block's representatives: its most attended keys (InfLLM), or part means
 SELECTIONS = ("shared", "head")  # one choice of blocks for all KV heads of a layer (InfLLM), or one per head (LongHeads)
 CHOOSE = ("current", "ahead")  # a choosing decode step chooses for itself, or after its attention for the next steps
+ROTATION_CACHE = 256  # blocks whose rotation to position 0 is kept (`_to_zero`)
 SCORING_QUERIES = 16  # blocks are chosen with the mean of a step's last 16 queries (see `_select`)
 
 
@@ -132,6 +134,7 @@ class MemoryCache(StreamingCache):
         self.retrieved: dict[int, list] = {}  # per layer: block ids attended at the last step (per KV head: lists)
         self.ahead: dict[int, list] = {}  # choose=ahead: per layer, the blocks the next decode steps attend
         self._query_buffers: list = [None] * self.n_layers  # per layer: the static step's query (`_static_extras`)
+        self._rotations: OrderedDict = OrderedDict()  # (rope, block id) -> (cos, sin) to position 0 (`_to_zero`)
         self.retrieval_seconds = 0.0  # spent choosing and fetching blocks (all layers), for the cost-per-step plot
 
     # ---- what is kept -------------------------------------------------------------------------------
@@ -238,10 +241,10 @@ class MemoryCache(StreamingCache):
                 ids = self._select(layer_idx, query, plan.gap, plan.window_start)
             mem_k, mem_v = self._fetch(layer_idx, ids)
             self.retrieval_seconds += time.perf_counter() - t0
-            if self.placement == "contiguous":  # retrieved token j at window_start - G + j; its key at j
-                q_mem = rope.rotate(query, plan.gap - plan.window_start)
-            else:  # every retrieved token at window_start - 1; its key at 0
-                q_mem = rope.rotate(query, 1 - plan.window_start)
+            # contiguous: retrieved token j at window_start - G + j, its key at j; fixed: every retrieved token at
+            # window_start - 1, its key at 0. (cos, sin) once per step, shared by the layers (`_static_extras` too)
+            delta = torch.tensor([(plan.gap if self.placement == "contiguous" else 1) - plan.window_start])
+            q_mem = rope.apply(query, *plan.cos_sin_of(rope, "mem", delta))
             parts.append((q_mem, mem_k, mem_v, False))
         self.retrieved[layer_idx] = self.ahead[layer_idx] = ids
         if one_query(query, parts):  # decoding: the keys' received attention comes with the output
@@ -292,8 +295,10 @@ class MemoryCache(StreamingCache):
         reps = self.index[layer_idx][:, :n_blocks]  # [H, n, r, D] at position 0 (float16)
         hkv, _, r, d = reps.shape
         query = query[:, :, -SCORING_QUERIES:]  # [1, Hq, <=16, D]
-        # the queries, moved so that position 0 (the representatives) sits mid-way in the gap
-        qbar = self.rope_for_layer(layer_idx).rotate(query, gap // 2 - window_start).mean(dim=2)[0]  # [Hq, D]
+        # the queries, moved so that position 0 (the representatives) sits mid-way in the gap; (cos, sin) once per
+        # step and rotation, shared by the layers
+        rope, delta = self.rope_for_layer(layer_idx), gap // 2 - window_start
+        qbar = rope.apply(query, *self._plan.cos_sin_of(rope, f"score {delta}", torch.tensor([delta]))).mean(dim=2)[0]  # [Hq, D]
         qbar = qbar.view(hkv, -1, d).float()  # [Hkv, g, D]
         # one batched matmul per layer, in float32: [Hkv, n*r, D] @ [Hkv, D, g] -> [Hkv, n*r, g]. (An einsum over
         # the old [n, H, r, D] layout cost 10x more: 400 ms a step for 30 layers at 4,096 blocks, a 256k stream.)
@@ -355,23 +360,48 @@ class MemoryCache(StreamingCache):
         have = set(slots)
         new = [i for i in ids if i not in have]
         if new:
+            rope = self.rope_for_layer(layer_idx)
             parts = [self.store.get(i, self._part(layer_idx)) for i in new]  # (keys [H, B, D], values [H, B, Dv], pos [B])
-            k = torch.cat([p[0] for p in parts], dim=1)  # [H, n*B, D]
-            k = self.rope_for_layer(layer_idx).rotate(k, -torch.cat([p[2] for p in parts]))  # to position 0, from the store's copy
+            cs = [self._to_zero(rope, i, p[2]) for i, p in zip(new, parts)]  # per block (cos, sin) [B, rd]
+            k = rope.apply(torch.cat([p[0] for p in parts], dim=1),  # [H, n*B, D] to position 0, from the store's copy
+                           torch.cat([c for c, _ in cs]), torch.cat([s for _, s in cs]))
+            v = torch.cat([p[1] for p in parts], dim=1)  # [H, n*B, Dv]
             if kbuf is None:  # [1, H, K*B, D]: allocated once per layer
                 kbuf = k.new_zeros((1, k.shape[0], self.topk * B, k.shape[2]))
-                vbuf = k.new_zeros((1, parts[0][1].shape[0], self.topk * B, parts[0][1].shape[2]))
-            for n, i in enumerate(new):
+                vbuf = v.new_zeros((1, v.shape[0], self.topk * B, v.shape[2]))
+            place = []  # the slot of each new block
+            for i in new:
                 j = free.pop() if free else len(slots)
                 if j == len(slots):
                     slots.append(i)
                 slots[j] = i
-                kbuf[0, :, j * B : (j + 1) * B] = k[:, n * B : (n + 1) * B]
-                vbuf[0, :, j * B : (j + 1) * B] = parts[n][1]
+                place.append(j)
+            at = (torch.tensor(place)[:, None] * B + torch.arange(B)).view(-1)  # [n*B] token rows of the slots
+            kbuf[0].index_copy_(1, at, k)  # one copy per buffer, not one per block
+            vbuf[0].index_copy_(1, at, v)
         g = len(slots) * B
         k, v = kbuf[:, :, :g], vbuf[:, :, :g]
         self._fetched[layer_idx] = (ids, k, v, slots, kbuf, vbuf)
         return k, v
+
+    def _to_zero(self, rope, block_id: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [B, rd] that rotate block `block_id`'s stored keys (at `pos`) to position 0. A block's
+        positions are the same in every layer, so they are computed once per block and rope, not once per layer
+        and step: the layers of a step mostly bring back the same few blocks, and the same blocks keep coming
+        back (16 choosing steps at 16k of Frankenstein computed 16 of the 2,948 they used). Kept in a small LRU
+        (`ROTATION_CACHE` blocks, 32 KiB each on the embedded model). With the query rotations shared by the
+        layers (`plan.cos_sin_of`) and one `index_copy_` per buffer, a choosing decode step's eager choice and
+        reads went 39.0 -> 32.7 ms (median of 64 each, in one process, old and new alternated; embedded model,
+        float32, 1 thread, AMD EPYC, the other core busy; a scratch A/B script, not committed)."""
+        key = (id(rope), block_id)
+        cs = self._rotations.get(key)
+        if cs is None:
+            cs = self._rotations[key] = rope.cos_sin(-pos)
+            if len(self._rotations) > ROTATION_CACHE:
+                self._rotations.popitem(last=False)
+        else:
+            self._rotations.move_to_end(key)
+        return cs
 
     def _store_evicted(self, layer_idx: int, evicted, scores: torch.Tensor, plan) -> None:
         """Hand this step's evicted tokens (whole blocks) to the store, and index their representatives."""
@@ -482,6 +512,7 @@ class MemoryCache(StreamingCache):
                 layer.received = torch.zeros((rec.shape[0], self.seq.numel()), dtype=torch.float32)
                 layer.received[:, : rec.shape[1]] = rec
         self._fetched.clear()
+        self._rotations.clear()
         self.retrieved = dict(mem.get("retrieved", {}))
         self.ahead = dict(mem.get("ahead", {}))
         self._decode_run = mem.get("decode_run", 0)
