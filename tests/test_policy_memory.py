@@ -348,3 +348,40 @@ def test_reselect_keeps_the_choice_between_decode_steps_and_stays_exact(selectio
     exp = [model(input_ids=ids[:, t : t + 1], position_ids=ref.position_ids(1), past_key_values=ref, use_cache=True).logits
            for t in range(60, 100)][21:]
     assert all(torch.equal(g, e) for g, e in zip(got, exp)) and len(got) == len(exp) == 19
+
+
+def test_ram_tier_keeps_layer_parts_and_promotes_disk_reads(tmp_path):
+    """The RAM tier is an LRU of (block, layer) parts: a part read back from disk joins it, by dropping parts
+    already on disk, so a part a layer keeps coming back to is read from disk once; the cap always holds and a
+    block leaves RAM for good only once it is on disk."""
+    g = torch.Generator().manual_seed(1)
+    part = 2 * 3 * 8 * 16 * 4  # keys + values of one layer of one block: [3, 8, 16] float32 each
+    store = BlockStore(tmp_path, ram_bytes=3 * part, tag="t")
+    data = {}
+    for b in range(3):  # 3 blocks x 2 layers = 6 parts; the cap holds 3
+        for l in range(2):
+            data[b, l] = (torch.randn(3, 8, 16, generator=g), torch.randn(3, 8, 16, generator=g))
+            store.add_layer(b, l, 2, *data[b, l], torch.arange(8) + 8 * b)
+    store.spill()  # over the cap: every block written, the 3 least recent parts dropped
+    assert store.ram_used() == 3 * part and store.stats()["parts_in_ram"] == 3 and store.on_disk == {0, 1, 2}
+    assert set(store.ram) == {(1, 1), (2, 0), (2, 1)}
+    k, v, pos = store.get(0, 1)  # from disk; joins RAM in place of (1, 1), the least recent part
+    assert store.reads == {"ram": 0, "disk": 1} and torch.equal(k, data[0, 1][0]) and torch.equal(pos, torch.arange(8))
+    assert set(store.ram) == {(2, 0), (2, 1), (0, 1)} and store.ram_used() == 3 * part
+    store.get(0, 1)
+    assert store.reads == {"ram": 1, "disk": 1}  # the second read comes from RAM
+    store.add_layer(3, 0, 2, *data[0, 0], torch.arange(8) + 24)  # a new block (not on disk) arrives mid-step:
+    store.add_layer(3, 1, 2, *data[0, 1], torch.arange(8) + 24)  # the tier is over its cap until the next spill
+    store.get(1, 0)  # from disk; joins RAM in place of the 3 least recent parts (on disk), over-cap block 3 stays
+    assert list(store.ram) == [(3, 0), (3, 1), (1, 0)]
+    store.add_layer(4, 0, 2, *data[0, 0], torch.arange(8) + 32)
+    store.add_layer(4, 1, 2, *data[0, 1], torch.arange(8) + 32)
+    store.get(1, 0)  # (a RAM read: now the least recent are block 3's parts, not on disk)
+    store.get(2, 1)  # from disk; room would need dropping block 3: read, not kept, nothing dropped
+    assert store.reads == {"ram": 2, "disk": 3} and list(store.ram) == [(3, 0), (3, 1), (4, 0), (4, 1), (1, 0)]
+    store.spill()
+    assert store.on_disk == {0, 1, 2, 3, 4} and store.ram_used() == 3 * part
+    for (b, l), (k, v) in data.items():  # every part intact, wherever it is
+        got = store.get(b, l)
+        assert torch.equal(got[0], k) and torch.equal(got[1], v)
+    assert store.ram_used() <= 3 * part
