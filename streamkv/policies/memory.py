@@ -196,12 +196,11 @@ class MemoryCache(StreamingCache):
         n = plan.capacity
         step.bias = torch.zeros(n, device=device).masked_fill_(torch.arange(n, device=device) >= plan.n_view,
                                                               float("-inf"))  # [capacity]
-        delta = torch.tensor([(plan.gap if self.placement == "contiguous" else 1) - plan.window_start])
         step.parts = [None] * self.n_layers
         step.queries = self._query_buffers  # choose=ahead: each layer's query, kept for `finish_static`
         for i in self.stored_layers:  # (cos, sin) of the query's rotation, once per distinct rope
             f, rope = self._fetched[i], self.rope_for_layer(i)
-            step.parts[i] = (f[1], f[2], *plan.cos_sin_of(rope, "mem", delta))
+            step.parts[i] = (f[1], f[2], *self._query_rotation(plan, rope))
             if step.queries[i] is None:  # allocated once per layer, reused by every static step
                 step.queries[i] = f[1].new_empty((1, self.model_config.num_attention_heads, 1, f[1].shape[-1]))
             self.retrieved[i] = f[0]
@@ -241,10 +240,7 @@ class MemoryCache(StreamingCache):
                 ids = self._select(layer_idx, query, plan.gap, plan.window_start)
             mem_k, mem_v = self._fetch(layer_idx, ids)
             self.retrieval_seconds += time.perf_counter() - t0
-            # contiguous: retrieved token j at window_start - G + j, its key at j; fixed: every retrieved token at
-            # window_start - 1, its key at 0. (cos, sin) once per step, shared by the layers (`_static_extras` too)
-            delta = torch.tensor([(plan.gap if self.placement == "contiguous" else 1) - plan.window_start])
-            q_mem = rope.apply(query, *plan.cos_sin_of(rope, "mem", delta))
+            q_mem = rope.apply(query, *self._query_rotation(plan, rope))
             parts.append((q_mem, mem_k, mem_v, False))
         self.retrieved[layer_idx] = self.ahead[layer_idx] = ids
         if one_query(query, parts):  # decoding: the keys' received attention comes with the output
@@ -262,6 +258,15 @@ class MemoryCache(StreamingCache):
             self._store_evicted(layer_idx, layer.evicted, evicted_scores, plan)
             layer.evicted = None
         return out
+
+    def _query_rotation(self, plan, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the query's rotation for the retrieved part, once per step and rope (the layers share
+        it). Contiguous: retrieved token j at window_start - G + j, its key at j; fixed: every retrieved token
+        at window_start - 1, its key at 0."""
+        key = (id(rope), "mem")
+        if key not in plan._cs:
+            plan._cs[key] = rope.cos_sin(torch.tensor([(plan.gap if self.placement == "contiguous" else 1) - plan.window_start]))
+        return plan._cs[key]
 
     def _choose_ahead(self, layer_idx: int, query: torch.Tensor, plan) -> None:
         """choose=ahead: after this step's attention, choose (and read) the blocks the next steps attend."""
