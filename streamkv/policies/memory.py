@@ -24,7 +24,7 @@ How a step works (see `attend`):
    queries (mean of the step's last 16 queries, per query head, max over a block's representatives, summed
    over heads: one choice shared by the heads of a layer, as InfLLM) and takes the top K, in stream order.
    Scoring is one batched matmul per layer over the index; with fixed placement a changed choice reads and
-   rotates only the blocks new to it (a block's rotation computed once for all layers: `_to_zero`). Decode steps re-choose only every `reselect` (4) steps and keep the
+   rotates only the blocks new to it (their rotations looked up in one table of positions: `_to_zero`). Decode steps re-choose only every `reselect` (4) steps and keep the
    last choice in between; prefill chunks always choose. Why: on near-identical filler 5-6 of the 16 blocks
    change at every decode step and the ones that come back are read from disk, so re-choosing at every
    step made decode 87 -> 136 ms a token from 8k to 64k; with 4 the median is 57 -> 59 ms (sink: 42), and
@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import OrderedDict
 
 import torch
 
@@ -79,7 +78,6 @@ PLACEMENTS = ("contiguous", "fixed")
 REP_RULES = ("attention", "mean")  # a block's representatives: its most attended keys (InfLLM), or part means
 SELECTIONS = ("shared", "head")  # one choice of blocks for all KV heads of a layer (InfLLM), or one per head (LongHeads)
 CHOOSE = ("current", "ahead")  # a choosing decode step chooses for itself, or after its attention for the next steps
-ROTATION_CACHE = 256  # blocks whose rotation to position 0 is kept (`_to_zero`)
 SCORING_QUERIES = 16  # blocks are chosen with the mean of a step's last 16 queries (see `_select`)
 
 
@@ -134,7 +132,7 @@ class MemoryCache(StreamingCache):
         self.retrieved: dict[int, list] = {}  # per layer: block ids attended at the last step (per KV head: lists)
         self.ahead: dict[int, list] = {}  # choose=ahead: per layer, the blocks the next decode steps attend
         self._query_buffers: list = [None] * self.n_layers  # per layer: the static step's query (`_static_extras`)
-        self._rotations: OrderedDict = OrderedDict()  # (rope, block id) -> (cos, sin) to position 0 (`_to_zero`)
+        self._rotations: dict = {}  # id(rope) -> (cos, sin) [P, rd] of the rotation from each position p < P to 0 (`_to_zero`)
         self.retrieval_seconds = 0.0  # spent choosing and fetching blocks (all layers), for the cost-per-step plot
 
     # ---- what is kept -------------------------------------------------------------------------------
@@ -367,9 +365,8 @@ class MemoryCache(StreamingCache):
         if new:
             rope = self.rope_for_layer(layer_idx)
             parts = [self.store.get(i, self._part(layer_idx)) for i in new]  # (keys [H, B, D], values [H, B, Dv], pos [B])
-            cs = [self._to_zero(rope, i, p[2]) for i, p in zip(new, parts)]  # per block (cos, sin) [B, rd]
-            k = rope.apply(torch.cat([p[0] for p in parts], dim=1),  # [H, n*B, D] to position 0, from the store's copy
-                           torch.cat([c for c, _ in cs]), torch.cat([s for _, s in cs]))
+            cos, sin = self._to_zero(rope, torch.cat([p[2] for p in parts]))  # [n*B, rd]
+            k = rope.apply(torch.cat([p[0] for p in parts], dim=1), cos, sin)  # [H, n*B, D] to position 0, from the store's copy
             v = torch.cat([p[1] for p in parts], dim=1)  # [H, n*B, Dv]
             if kbuf is None:  # [1, H, K*B, D]: allocated once per layer
                 kbuf = k.new_zeros((1, k.shape[0], self.topk * B, k.shape[2]))
@@ -389,24 +386,19 @@ class MemoryCache(StreamingCache):
         self._fetched[layer_idx] = (ids, k, v, slots, kbuf, vbuf)
         return k, v
 
-    def _to_zero(self, rope, block_id: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [B, rd] that rotate block `block_id`'s stored keys (at `pos`) to position 0. A block's
-        positions are the same in every layer, so they are computed once per block and rope, not once per layer
-        and step: the layers of a step mostly bring back the same few blocks, and the same blocks keep coming
-        back (16 choosing steps at 16k of Frankenstein computed 16 of the 2,948 they used). Kept in a small LRU
-        (`ROTATION_CACHE` blocks, 32 KiB each on the embedded model). With the query rotations shared by the
-        layers (`plan.cos_sin_of`) and one `index_copy_` per buffer, a choosing decode step's eager choice and
-        reads went 39.0 -> 32.7 ms (median of 64 each, in one process, old and new alternated; embedded model,
-        float32, 1 thread, AMD EPYC, the other core busy; a scratch A/B script, not committed)."""
-        key = (id(rope), block_id)
-        cs = self._rotations.get(key)
-        if cs is None:
-            cs = self._rotations[key] = rope.cos_sin(-pos)
-            if len(self._rotations) > ROTATION_CACHE:
-                self._rotations.popitem(last=False)
-        else:
-            self._rotations.move_to_end(key)
-        return cs
+    def _to_zero(self, rope, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [n, rd] that rotate keys stored at positions `pos` [n] to position 0, looked up in a table of
+        every position up to the largest seen (per rope; it grows by doubling). Why a table: positions are places
+        in the cache, so a stored key's position is below the budget plus a prefill chunk however long the stream
+        (the defaults: 2,048 positions, 1 MiB on the embedded model), while the blocks a step
+        brings back are many (an LRU of 256 blocks' rotations missed 32% of them at 64k tokens). The table holds
+        what `rope.cos_sin` gives for each position, so a key is rotated exactly as a per-block call would."""
+        table = self._rotations.get(id(rope))
+        top = int(pos.max()) + 1 if pos.numel() else 0
+        if table is None or table[0].shape[0] < top:
+            size = max(top, 2 * table[0].shape[0] if table is not None else 1024)
+            table = self._rotations[id(rope)] = rope.cos_sin(-torch.arange(size))
+        return table[0][pos], table[1][pos]
 
     def _store_evicted(self, layer_idx: int, evicted, scores: torch.Tensor, plan) -> None:
         """Hand this step's evicted tokens (whole blocks) to the store, and index their representatives."""
