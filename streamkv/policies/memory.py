@@ -24,12 +24,14 @@ How a step works (see `attend`):
    queries (mean of the step's last 16 queries, per query head, max over a block's representatives, summed
    over heads: one choice shared by the heads of a layer, as InfLLM) and takes the top K, in stream order.
    Scoring is one batched matmul per layer over the index; with fixed placement a changed choice reads and
-   rotates only the blocks new to it (their rotations looked up in one table of positions: `_to_zero`). Decode steps re-choose only every `reselect` (4) steps and keep the
-   last choice in between; prefill chunks always choose. Why: on near-identical filler 5-6 of the 16 blocks
-   change at every decode step and the ones that come back are read from disk, so re-choosing at every
-   step made decode 87 -> 136 ms a token from 8k to 64k; with 4 the median is 57 -> 59 ms (sink: 42), and
-   the passkey answers at 16k/32k (10 prompts) were identical, character for character, to those of
-   reselect=1 (docs/RESULTS.md section 6). `reselect=1` restores every-step choice.
+   rotates only the blocks new to it (their rotations looked up in one table of positions: `_to_zero`).
+   Decode steps re-choose only every `reselect` (4) steps and keep the last choice in between; prefill
+   chunks always choose. Why: on near-identical filler 5-6 of the 16 blocks change at every decode step
+   and the ones that come back are read from disk, so re-choosing at every step made decode 87 -> 136 ms a
+   token from 8k to 64k; with 4 the median is 57 -> 59 ms (sink: 42; on another CPU, 128 steps a point,
+   the mean stays within 8.4% from 8k to 64k), and the passkey answers at 16k/32k (10 prompts) were
+   identical, character for character, to those of reselect=1 (docs/RESULTS.md section 6). `reselect=1`
+   restores every-step choice.
    With `choose=ahead` a decode step that chooses does it *after* its attention, with its own query, for
    the steps that follow (it attends the standing choice itself, as the steps between choices do). Why:
    then no decode step chooses in mid-forward, so with `--compile` every steady step runs the compiled
