@@ -396,7 +396,7 @@ class MemoryCache(StreamingCache):
         brings back are many (an LRU of 256 blocks' rotations missed 32% of them at 64k tokens). The table holds
         what `rope.cos_sin` gives for each position, so a key is rotated exactly as a per-block call would."""
         table = self._rotations.get(id(rope))
-        top = int(pos.max()) + 1 if pos.numel() else 0
+        top = int(pos.max()) + 1
         if table is None or table[0].shape[0] < top:
             size = max(top, 2 * table[0].shape[0] if table is not None else 1024)
             table = self._rotations[id(rope)] = rope.cos_sin(-torch.arange(size))
