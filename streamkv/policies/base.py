@@ -130,11 +130,12 @@ class _Plan:
         per step and distinct layer description, shared by the layers that have it."""
         return self.cos_sin_of(rope, which, self.rot_delta if which == "rot" else self.pin_delta)
 
-    def cos_sin_of(self, rope: RopeSpec, which: str, delta: torch.Tensor) -> tuple:
-        """`cos_sin` of another rotation of this step (`which` names it, e.g. a policy's query rotation)."""
+    def cos_sin_of(self, rope: RopeSpec, which: str, delta: torch.Tensor | int) -> tuple:
+        """`cos_sin` of another rotation of this step (`which` names it, e.g. a policy's query rotation): by
+        `delta` [n], or one int (its tensor built only the first time)."""
         key = (id(rope), which)
         if key not in self._cs:
-            self._cs[key] = rope.cos_sin(delta)
+            self._cs[key] = rope.cos_sin(delta if torch.is_tensor(delta) else torch.tensor([delta]))
         return self._cs[key]
 
 

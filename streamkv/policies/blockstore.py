@@ -180,6 +180,13 @@ class BlockStore:
             ) from None
         self.on_disk.add(block_id)
 
+    def _blocks_in_ram(self) -> set[int]:
+        return {b for b, _ in self.ram}
+
+    def _unwritten(self) -> list[int]:
+        """The blocks not on disk yet (every part of each is in RAM), in stream order."""
+        return sorted(self._blocks_in_ram() - self.on_disk)
+
     def _block(self, block_id: int) -> Block:
         """A block not yet on disk, whole, from its parts in RAM (to write it)."""
         parts = [self.ram[(block_id, layer)] for layer in range(self._n_layers)]
@@ -195,7 +202,7 @@ class BlockStore:
         writes nothing."""
         moved = False
         if self.ram_used() > self.ram_bytes:
-            for block_id in sorted({b for b, _ in self.ram} - self.on_disk):
+            for block_id in self._unwritten():
                 self._write(block_id, self._block(block_id), sync=False)
         while self.ram and self.ram_used() > self.ram_bytes:
             (block_id, layer), (k, v, _) = next(iter(self.ram.items()))
@@ -207,7 +214,7 @@ class BlockStore:
 
     def flush(self) -> None:
         """Every block on disk (durably), e.g. before a snapshot refers to them. RAM keeps its copies."""
-        for block_id in sorted({b for b, _ in self.ram} - self.on_disk):
+        for block_id in self._unwritten():
             self._write(block_id, self._block(block_id), sync=True)
 
     # ---- reading -----------------------------------------------------------------------------------
@@ -302,7 +309,7 @@ class BlockStore:
         return sum(self.path(i).stat().st_size for i in self.on_disk if self.path(i).exists())
 
     def stats(self) -> dict:
-        return {"blocks": self.n_blocks, "blocks_in_ram": len({b for b, _ in self.ram}), "parts_in_ram": len(self.ram),
+        return {"blocks": self.n_blocks, "blocks_in_ram": len(self._blocks_in_ram()), "parts_in_ram": len(self.ram),
                 "blocks_on_disk": len(self.on_disk), "ram_bytes": self.ram_used(), "disk_bytes": self.disk_used(), "reads_ram": self.reads["ram"],
                 "reads_disk": self.reads["disk"], "store_dir": str(self.directory)}
 

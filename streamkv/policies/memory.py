@@ -263,10 +263,7 @@ class MemoryCache(StreamingCache):
         """(cos, sin) of the query's rotation for the retrieved part, once per step and rope (the layers share
         it). Contiguous: retrieved token j at window_start - G + j, its key at j; fixed: every retrieved token
         at window_start - 1, its key at 0."""
-        key = (id(rope), "mem")
-        if key not in plan._cs:
-            plan._cs[key] = rope.cos_sin(torch.tensor([(plan.gap if self.placement == "contiguous" else 1) - plan.window_start]))
-        return plan._cs[key]
+        return plan.cos_sin_of(rope, "mem", (plan.gap if self.placement == "contiguous" else 1) - plan.window_start)
 
     def _choose_ahead(self, layer_idx: int, query: torch.Tensor, plan) -> None:
         """choose=ahead: after this step's attention, choose (and read) the blocks the next steps attend."""
@@ -303,7 +300,7 @@ class MemoryCache(StreamingCache):
         # the queries, moved so that position 0 (the representatives) sits mid-way in the gap; (cos, sin) once per
         # step and rotation, shared by the layers
         rope, delta = self.rope_for_layer(layer_idx), gap // 2 - window_start
-        qbar = rope.apply(query, *self._plan.cos_sin_of(rope, f"score {delta}", torch.tensor([delta]))).mean(dim=2)[0]  # [Hq, D]
+        qbar = rope.apply(query, *self._plan.cos_sin_of(rope, f"score {delta}", delta)).mean(dim=2)[0]  # [Hq, D]
         qbar = qbar.view(hkv, -1, d).float()  # [Hkv, g, D]
         # one batched matmul per layer, in float32: [Hkv, n*r, D] @ [Hkv, D, g] -> [Hkv, n*r, g]. (An einsum over
         # the old [n, H, r, D] layout cost 10x more: 400 ms a step for 30 layers at 4,096 blocks, a 256k stream.)
