@@ -200,9 +200,10 @@ def test_sirllm_without_logits_refuses_clearly():
         stream(model, cache, random_ids(20), [4])
 
 
-def test_heavy_keys_stay_as_computed():
+def test_heavy_keys_are_rotated_once_from_the_computed_copy():
     """Heavy keys are rotated from the copy the model computed, never from a previous rotation: after
-    thousands of steps with restarts, a kept key is bit-identical to the model's key at its fed position."""
+    hundreds of steps with restarts, a kept key is bit-identical to the model's key at its fed position
+    rotated once, back to position 0."""
     model = make_tiny("llama", layers=1)
     cache = make_policy("h2o", model, sinks=2, window=6, heavy=4)
     cache.max_position = 30
@@ -215,7 +216,8 @@ def test_heavy_keys_stay_as_computed():
             t, p = int(hs.seq[h, j]), int(hs.pos[h, j])
             d = DynamicCache(config=model.config)
             model(input_ids=ids[:, t : t + 1], position_ids=torch.tensor([[p]]), past_key_values=d, use_cache=True)
-            assert torch.equal(d.layers[0].keys[0, h, 0], hs.keys[0, h, j])
+            cos, sin = cache.rope.cos_sin(torch.tensor([-p]))
+            assert torch.equal(cache.rope.apply(d.layers[0].keys[0, h, :1], cos, sin)[0], hs.keys[0, h, j])
 
 
 def test_snapshot_continues_exactly():
@@ -228,6 +230,25 @@ def test_snapshot_continues_exactly():
         b.load_state_dict(a.state_dict())
         la, lb = a.feed(ids[0, 70:], all_logits=True), b.feed(ids[0, 70:], all_logits=True)
         assert torch.equal(la, lb), name
+
+
+def test_a_snapshot_with_heavy_keys_as_computed_still_loads():
+    """Snapshots made before the heavy keys were kept at position 0 held them as computed, at `pos`: loading
+    one rotates them once, so the stream goes on as if it had never been saved."""
+    model = make_tiny("llama", layers=2)
+    ids = random_ids(120, seed=10)
+    a = StreamSession(model, None, "h2o", sinks=2, window=8, heavy=6)
+    a.feed(ids[0, :70])
+    old = a.state_dict()
+    sc = old["policy"]["scored"]
+    del sc["keys_at"]
+    for i, s in enumerate(sc["sets"]):  # back to the keys as the model computed them
+        h, n, rope = s["keys"].shape[1], s["n"], a.policy.rope_for_layer(i)
+        cos, sin = rope.cos_sin(s["pos"][:, :n].reshape(-1))
+        s["keys"][:, :, :n] = rope.apply(s["keys"][:, :, :n], cos.view(h, n, -1), sin.view(h, n, -1))
+    b = StreamSession(model, None, "h2o", sinks=2, window=8, heavy=6)
+    b.load_state_dict(old)
+    torch.testing.assert_close(b.feed(ids[0, 70:], all_logits=True), a.feed(ids[0, 70:], all_logits=True), atol=1e-5, rtol=0)
 
 
 def test_parameters_are_checked():

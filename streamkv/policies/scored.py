@@ -14,11 +14,13 @@ Layout of one layer (positions by place, as every policy here; p0 = the first ne
   `sink` does. A token leaving the window is handed over (`keeps_evicted`) to every layer with its keys,
   values and the attention it received while in the window (`observe`).
 * Each layer keeps per KV head the `heavy` best tokens among (its heavy set + the tokens evicted this step)
-  by `score(...)`, in stream order. Their keys are kept *as computed* (rotated at the position they were
-  fed at, recorded in `pos`), so nothing is ever rotated from a previous rotation: at every step each heavy
-  key is rotated once, from that copy, to its place `window_start - N + i` (i = its rank in stream order).
-  Every head has the same count N, so one set of places serves all heads; `gap()` = N moves the sinks
-  right before them.
+  by `score(...)`, in stream order. A key entering a heavy set is rotated once, from the copy the model
+  computed (at the position recorded in `pos`), back to position 0, and kept so: nothing is ever rotated
+  from a previous rotation. At every step each heavy key is rotated from that copy to its place
+  `window_start - N + i` (i = its rank in stream order). Every head has the same count N, so one set of
+  places, and one cos/sin of N positions per step, serves all heads and layers; `gap()` = N moves the
+  sinks right before them. (Kept as computed instead, each layer would need the cos/sin of its own
+  [H, N] position differences at every step.)
 * Attention over [local keys, heavy keys] is exact (`attention.attend_parts`, merged by log-sum-exp), and
   the attention each heavy token received is added to its `received` score as it is for window tokens.
 
@@ -48,7 +50,7 @@ def positive_int(name, value, minimum: int = 1):
 class HeavySet:
     """One layer's per-KV-head kept tokens (all heads hold `n` of them, each its own, in stream order)."""
 
-    keys: torch.Tensor  # [1, H, cap, D] as computed (rotated at `pos`)
+    keys: torch.Tensor  # [1, H, cap, D] rotated to position 0 (from the copy computed at `pos`)
     values: torch.Tensor  # [1, H, cap, Dv]
     pos: torch.Tensor  # [H, cap] position each key is rotated at
     seq: torch.Tensor  # [H, cap] stream index (ascending within a head)
@@ -116,11 +118,9 @@ class ScoredCache(StreamingCache):
         heavy_k = None
         if hs is not None and hs.n:
             N = hs.n
-            place = torch.arange(plan.window_start - N, plan.window_start)  # [N], the same for every head
-            delta = place[None, :] - hs.pos[:, :N]  # [H, N]
             rope = self.rope_for_layer(layer_idx)  # this layer's own rotation (layers may differ)
-            cos, sin = rope.cos_sin(delta.reshape(-1))  # [H*N, rd]
-            heavy_k = rope.apply(hs.keys[:, :, :N], cos.view(*delta.shape, -1), sin.view(*delta.shape, -1))
+            cos, sin = self._places(plan, rope, N)  # [N, rd], the same for every head
+            heavy_k = rope.apply(hs.keys[:, :, :N], cos, sin)  # [1, H, N, D] at their places
             parts.append((query, heavy_k, hs.values[:, :, :N], False))
         if one_query(query, parts):  # decoding: each part's received attention comes with the output
             out, _, received = attend_one(query, parts, scaling)
@@ -140,6 +140,16 @@ class ScoredCache(StreamingCache):
             layer.evicted = None
         return out
 
+    @staticmethod
+    def _places(plan, rope, n: int) -> tuple:
+        """cos/sin [n, rd] of the heavy tokens' places, right before the window (once per step and rope)."""
+        return plan.cos_sin_of(rope, "heavy", torch.arange(plan.window_start - n, plan.window_start))
+
+    @staticmethod
+    def _to_zero(plan, rope) -> tuple:
+        """cos/sin [e, rd] that rotate this step's evicted keys from their positions back to 0."""
+        return plan.cos_sin_of(rope, "heavy in", -plan.evict_pos)
+
     def _new_set(self, k: torch.Tensor, v: torch.Tensor) -> HeavySet:
         _, h, _, d = k.shape
         cap = max(self.heavy, 1)
@@ -149,8 +159,10 @@ class ScoredCache(StreamingCache):
 
     def _offer(self, layer_idx: int, evicted, received, plan) -> None:
         """The heavy set of each head becomes the `heavy` best of (heavy set + this step's evicted tokens)."""
-        ek, ev = evicted  # [1, H, e, D]
+        ek, ev = evicted  # [1, H, e, D] as computed, at plan.evict_pos
         h, e = ek.shape[1], ek.shape[2]
+        rope = self.rope_for_layer(layer_idx)
+        ek = rope.apply(ek, *self._to_zero(plan, rope))  # [1, H, e, D] at position 0
         while len(self.sets) <= layer_idx:
             self.sets.append(None)
         if self.sets[layer_idx] is None:
@@ -227,6 +239,7 @@ class ScoredCache(StreamingCache):
             "sets": [None if hs is None else {k: getattr(hs, k).clone() for k in ("keys", "values", "pos", "seq", "received", "value")} | {"n": hs.n}
                      for hs in self.sets],
             "received": [l.received.clone() if l.received is not None else None for l in self.layers],
+            "keys_at": "zero",  # heavy keys rotated to position 0 (snapshots before 25 Nov 2026 kept them as computed)
         }
         return state
 
@@ -236,6 +249,12 @@ class ScoredCache(StreamingCache):
         self.n_heavy, self._values = sc["n_heavy"], dict(sc["values"])
         self.sets = [None if s is None else HeavySet(**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()})
                      for s in sc["sets"]]
+        if sc.get("keys_at") != "zero":  # an older snapshot: its heavy keys as computed, at `pos`; rotate them to 0 once
+            for i, hs in enumerate(self.sets):
+                if hs is not None and hs.n:
+                    rope, h, n = self.rope_for_layer(i), hs.keys.shape[1], hs.n
+                    cos, sin = rope.cos_sin(-hs.pos[:, :n].reshape(-1))  # [H*n, rd]
+                    hs.keys[:, :, :n] = rope.apply(hs.keys[:, :, :n], cos.view(h, n, -1), sin.view(h, n, -1))
         for layer, rec in zip(self.layers, sc["received"]):
             if rec is not None:
                 layer.received = rec.clone()
