@@ -43,7 +43,9 @@ SETTINGS = {  # label -> models.load keyword arguments
 PEER = "llamacpp"
 PEER_CTX, PEER_KEEP = 1024, 4  # its KV cache size and the tokens its context shift keeps (as sink's 4 sinks)
 POLICIES = {"sink": {"policy": "sink", "sinks": 4, "window": 1020},  # 1,024 kept tokens
-            "memory": {"policy": "memory"}}  # its defaults: 4 + 768..831 + 16 x 64 retrieved (up to 1,859 attended)
+            "memory": {"policy": "memory"},  # its defaults: 4 + 768..831 + 16 x 64 retrieved (up to 1,859 attended)
+            "h2o": {"policy": "h2o"},  # its defaults: 4 sinks + 512 recent + 508 heavy per KV head (1,024 kept)
+            "sirllm": {"policy": "sirllm"}}  # the same budget, the heavy set by surprisal
 
 
 def child(args) -> dict:
@@ -63,7 +65,7 @@ def child(args) -> dict:
         # first calls JIT oneDNN kernels and touch fresh memory: not what we measure; with compile, the
         # steps after the cache is full (sink: 1,024 tokens; memory: 16 blocks stored) compile the decode
         # step, also not measured
-        n = {"sink": 1030, "memory": 1900}[args.policy] if SETTINGS[setting].get("compile") else 600
+        n = {"sink": 1030, "memory": 1900, "h2o": 1100, "sirllm": 1100}[args.policy] if SETTINGS[setting].get("compile") else 600
         warm.feed(ids[:n])
         for i in range(n, n + 8):
             warm.feed(ids[i : i + 1])

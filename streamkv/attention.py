@@ -172,7 +172,7 @@ def attend_one(query: torch.Tensor, parts: list[tuple], scaling: float,
 
 
 def attend_one_traced(query: torch.Tensor, parts: list[tuple], scaling: float,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None, received: bool = False):
     """`attend_one` as a compiled decode step wants it: the scores and the weighted sum of values written as
     broadcast products and reductions, which inductor fuses into a few C++ loops, instead of matmuls.
 
@@ -181,7 +181,9 @@ def attend_one_traced(query: torch.Tensor, parts: list[tuple], scaling: float,
     on the embedded model, int4, 2 threads, AMD EPYC, in one process (old and new alternated 9 times, 32
     steps each): sink at 2k 16.9 -> 15.9 ms a step, memory at 8k 21.7 -> 21.2 ms (median). The same
     arithmetic as `attend_one` (float32 scores, one softmax over all parts, `bias` [n_0] added to the first
-    part), summed in another order: equal within float32 rounding. Returns attn_output [1, 1, Hq, Dv]."""
+    part), summed in another order: equal within float32 rounding. Returns attn_output [1, 1, Hq, Dv], and
+    with `received` also each part's probabilities summed over the query heads of each KV head [Hkv, n_i],
+    as `attend_one` does (h2o's score)."""
     b, hq, _, d = query.shape
     hkv = parts[0][1].shape[1]
     g = hq // hkv
@@ -199,7 +201,10 @@ def attend_one_traced(query: torch.Tensor, parts: list[tuple], scaling: float,
     probs = [(s - top).exp() for s in scores]  # [Hkv, g, n_i], unnormalised
     total = sum(p.sum(dim=-1, keepdim=True) for p in probs)  # [Hkv, g, 1]
     out = sum((p.unsqueeze(-1) * v[0].float()[:, None]).sum(dim=-2) for p, (_, _, v, _) in zip(probs, parts))  # [Hkv, g, Dv]
-    return (out / total).to(query.dtype).reshape(b, 1, hq, -1)  # [1, 1, Hq, Dv]: query head h*g + j
+    out = (out / total).to(query.dtype).reshape(b, 1, hq, -1)  # [1, 1, Hq, Dv]: query head h*g + j
+    if received:
+        return out, [(p / total).sum(dim=1) for p in probs]  # each [Hkv, n_i]
+    return out
 
 
 def local_parts(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int = 0) -> list[tuple]:

@@ -1,4 +1,4 @@
-"""A compiled decode step: `torch.compile` of the one-token forward, for sink, window and memory.
+"""A compiled decode step: `torch.compile` of the one-token forward, for sink, window, memory, h2o and sirllm.
 
 Why: at one token per step a 135M model runs ~800 small ops, and on a 2-core CPU their per-op cost (Python,
 dispatch, allocation) is a large share of a step next to the weight reads (issue 10's profile: ~28 of 95 ms).
@@ -9,8 +9,8 @@ makes the step's plan before the forward, in eager Python, and hands the layers 
 only (the slot the new token goes to, the pinned slots and their rotation). In steady state (cache full)
 every layer then writes one slot and attends over its whole buffer, so the shapes are the same at every
 position and the step is traced once per model and cache shape, then replayed. Steps that are not steady
-(the cache still filling, a position restart, prefill chunks) and policies that score tokens at every step
-(h2o, sirllm, duo) run eagerly: the same cache code, so both paths keep one state.
+(the cache still filling, a position restart, prefill chunks) and duo (two layouts of heads in one layer)
+run eagerly: the same cache code, so both paths keep one state.
 
 Attention in a compiled step is `attention.attend_one_traced` for every policy (sink and window through
 `StreamingCache._static_extras`, memory through its own `_attend_static`): the one query's scores and
@@ -24,6 +24,12 @@ output head 2.6 ms, the Python wrapper that calls inductor's kernels 3.1 ms and 
 silently run a graph compiled for another cache shape, so they stay). Inductor's size asserts are off: the
 guards already check every input's shape and strides, and the asserts' 1,066 calls cost 0.5 ms a step
 (the wrapper's profiled time 2.36 -> 1.82 ms, sink).
+
+`h2o` and `sirllm` (scored.py) attend themselves too: in steady state (window and heavy sets full) a step
+evicts exactly one token, the window's oldest, and each KV head's heavy set trades at most one of its N
+tokens for it, so the step's attention over [buffer, heavy set], the attention each token received (h2o),
+the policy's `score()` on the N+1 candidates and each head's argmin are fixed-shape tensor ops
+(`ScoredCache._attend_static`); the places' cos/sin and a sirllm token's surprisal are looked up before it.
 
 `memory` attends itself (sinks + window + retrieved blocks, the query rotated for the blocks). Its steps
 between two choices of blocks change only the new token's slot, so they are steady too (`MemoryCache.

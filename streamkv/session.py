@@ -101,7 +101,7 @@ class StreamSession:
     def _forward(self, chunk: torch.Tensor, all_logits: bool) -> torch.Tensor:
         if isinstance(self.policy, Recompute):
             return self.policy.forward(self.model, chunk, all_logits).float()
-        step = compiled.decode_step(self.model) if chunk.shape[1] == 1 and not all_logits else None
+        step = compiled.decode_step(self.model) if chunk.shape[1] == 1 else None  # (one token: its logits are all)
         if step is not None and not step.failed:
             position_ids = self.policy.position_ids(1).to(chunk.device)
             try:

@@ -165,14 +165,58 @@ def test_memory_compiled_step_refuses_a_model_that_drops_attention_kwargs(monkey
         compiled.disable(model)
 
 
+@pytest.mark.parametrize("arch,policy,params", [
+    ("llama", "h2o", {"sinks": 2, "window": 20, "heavy": 8}),  # attention received, per KV head
+    ("cohere", "h2o", {"sinks": 2, "window": 16, "heavy": 6}),  # interleaved rotary pairs
+    ("smollm3", "h2o", {"sinks": 0, "window": 16, "heavy": 6}),  # NoPE layers, no sinks
+    ("llama", "sirllm", {"sinks": 2, "window": 20, "heavy": 8}),  # surprisal, from the session's logits
+])
+def test_scored_compiled_decode_equals_eager(arch, policy, params):
+    """h2o and sirllm in steady state (window and heavy sets full): each step evicts the window's oldest token
+    and each KV head's heavy set trades at most one token for it, traced with tensor ops only. Compiled equals
+    eager at every step, through position restarts and a chunk in mid-stream (a chat turn); afterwards every
+    head of every layer holds the same heavy tokens at the same positions, with the same scores."""
+    model = make_tiny(arch, layers=2)
+    ids = _stream(420, seed=8)
+    feeds = [(0, 40)] + [(i, i + 1) for i in range(40, 220)] + [(220, 251)] + [(i, i + 1) for i in range(251, 420)]
+    eager = StreamSession(model, None, policy, chunk_size=32, **params)
+    ref = [eager.feed(ids[a:b]).clone() for a, b in feeds]
+    compiled.enable(model)
+    try:
+        session = StreamSession(model, None, policy, chunk_size=32, **params)
+        step = compiled.decode_step(model)
+        out = [session.feed(ids[a:b]).clone() for a, b in feeds]
+    finally:
+        compiled.disable(model)
+    assert step.failed is None
+    # 349 one-token steps; those that fill the heavy sets after the start and after the chunk, and position
+    # restarts, run eagerly
+    assert step.steps > 250, step.steps
+    for i, (a, b) in enumerate(zip(ref, out)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=f"step {i}")
+    p, q = session.policy, eager.policy
+    assert torch.equal(p.seq, q.seq) and torch.equal(p.pos, q.pos)
+    assert p.max_position < 420  # the stream crossed at least one position restart
+    for i in p.attention_layers:
+        assert p.heavy_tokens(i) == q.heavy_tokens(i), f"layer {i}"
+        a, b, n = p.sets[i], q.sets[i], p.n_heavy
+        assert torch.equal(a.pos[:, :n], b.pos[:, :n])
+        torch.testing.assert_close(a.keys[:, :, :n], b.keys[:, :, :n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.received[:, :n], b.received[:, :n], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.value[:, :n], b.value[:, :n], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("policy,params", [
-    ("h2o", {"sinks": 2, "window": 20, "heavy": 8}),  # scores every token at every step
     # memory choosing blocks at every step, and InfLLM's attention rule (observes attention at every step)
     ("memory", {"sinks": 2, "window": 16, "block": 4, "topk": 2, "ram_mb": 0, "reselect": 1}),
     ("memory", {"sinks": 2, "window": 16, "block": 4, "topk": 2, "ram_mb": 0, "rep_rule": "attention"}),
+    ("duo", {"sinks": 2, "window": 8}),  # two layouts of heads in one layer (a pattern: half the heads streaming)
 ])
 def test_policies_that_choose_in_python_stay_eager(policy, params):
     model = make_tiny("llama", layers=1)
+    if policy == "duo":
+        h = model.config.num_key_value_heads
+        params = dict(params, pattern=torch.arange(h).expand(1, h) % 2 == 0)  # [layers, KV heads]
     ids = _stream(200, seed=2)
     compiled.enable(model)
     try:
@@ -218,6 +262,8 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
 @pytest.mark.parametrize("policy,params,text,prefill,steps,compiled_at_least", [
     # sink 4+60: 100 steady-state steps
     ("sink", {"sinks": 4, "window": 60}, "The quick brown fox jumps over the lazy dog. " * 40, 70, 100, 95),
+    # h2o 4+40 and 24 heavy per KV head: 100 steady steps (attention received, one token traded per head)
+    ("h2o", {"sinks": 4, "window": 40, "heavy": 24}, "The quick brown fox jumps over the lazy dog. " * 40, 80, 100, 95),
     # memory with its defaults past 16 stored blocks: 120 steps, 3 in 4 compiled (not those that choose blocks)
     ("memory", {"ram_mb": 0, "chunk_size": 256},
      "The pass key is 71432. " + "The grass is green. The sky is blue. The sun is yellow. " * 200, 2400, 120, 80),

@@ -20,7 +20,8 @@ How it works (read this first)
   keys with `index_copy_` and returns the whole buffer. The table bookkeeping stays eager Python, outside
   the traced region; steps that are not steady take the ordinary path with the plan already made. A policy
   that attends itself says which of its steps are steady (`_static_steady`) and attends them itself over
-  the whole buffer, unused slots masked (`_static_extras`: memory between two choices of blocks).
+  the whole buffer, unused slots masked (`_static_extras`: memory between two choices of blocks; h2o and
+  sirllm, whose steady step also trades one token of each head's heavy set).
 
 Positions ("by place in the cache", as StreamingLLM)
 -----------------------------------------------------
@@ -153,6 +154,7 @@ class _StaticStep:
     bias: torch.Tensor | None = None  # [capacity]: 0 for the slots in use, -inf for the rest (the buffer is not full)
     parts: list = field(default_factory=list)  # per layer: what `attend` reads besides the buffers (memory: blocks)
     queries: list = field(default_factory=list)  # per layer: a buffer `attend` copies the query into (memory, choose=ahead)
+    evicted: tuple | None = None  # the one token the step evicts (h2o, sirllm): its slot, seq, pos, value, each [1]
     calls: int = 0  # layers `attend` served (checked after the step: a model that drops the kwargs is refused)
 
 
@@ -677,8 +679,8 @@ class StreamingCache(Cache):
     def static_decode_capable(self) -> bool:
         """Whether this policy's decode steps can take the fixed-shape path: the slot table alone (sink,
         window), or a policy that says which of its steps are steady and attends them itself
-        (`_static_steady`, `_static_extras`: memory). Policies that score tokens at every step (h2o, sirllm,
-        duo) stay eager; so do hybrids (their recurrent layers) and models with local layers."""
+        (`_static_steady`, `_static_extras`: memory, h2o, sirllm). duo stays eager; so do hybrids (their
+        recurrent layers) and models with local layers."""
         return self._static_layout() and not self._custom
 
     def _static_layout(self) -> bool:

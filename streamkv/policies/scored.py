@@ -21,12 +21,17 @@ Layout of one layer (positions by place, as every policy here; p0 = the first ne
   places, and one cos/sin of N positions per step, serves all heads and layers; `gap()` = N moves the
   sinks right before them. (Kept as computed instead, each layer would need the cos/sin of its own
   [H, N] position differences at every step.)
+* Compiled decoding (compiled.py): in steady state (window full, every heavy set full) a decode step
+  evicts exactly one token, the oldest of the window, and each head's heavy set trades at most one token
+  for it. That is fixed-shape: `_attend_static` attends, adds the attention received, rotates the evicted
+  key to 0, scores the N+1 candidates and drops each head's lowest with tensor ops only, so the step is
+  traced once; choosing the slots, the places' cos/sin and a SirLLM token's value stay eager, before it.
 * Attention over [local keys, heavy keys] is exact (`attention.attend_parts`, merged by log-sum-exp), and
   the attention each heavy token received is added to its `received` score as it is for window tokens.
 
 What a policy writes: `score(layer_idx, keys [H, m, D], values, received [H, m] or None, value [H, m] or
-None) -> [H, m]`, called at every eviction on the candidates (heavy set + newly evicted): keys/values as
-computed, `received` = attention received so far (summed over the query heads of each KV head; None
+None) -> [H, m]`, called at every eviction on the candidates (heavy set + newly evicted): keys rotated to
+position 0, values as computed, `received` = attention received so far (summed over the query heads of each KV head; None
 unless `observe`), `value` = the per-token score the policy set with `set_token_values` (None if it sets
 none). Higher = kept. Ties keep the older token.
 """
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import attend_one, attend_parts, local_parts, one_query, received_attention
+from ..attention import attend_one, attend_one_traced, attend_parts, local_parts, one_query, received_attention
 from .base import StreamingCache
 
 
@@ -80,6 +85,9 @@ class ScoredCache(StreamingCache):
         self.sets: list[HeavySet | None] = []
         self.n_heavy = 0  # tokens each head's heavy set holds (same for every layer and head)
         self._values: dict[int, float] = {}  # per-token scores of tokens not yet evicted (set_token_values)
+        # a steady compiled step's constants: ties keep the older token (a bonus decreasing with the rank)
+        self._tie_order = torch.arange(heavy + 1, 0, -1, dtype=torch.float64) * 1e-9  # [heavy + 1]
+        self._ranks = torch.arange(heavy)  # [heavy]
 
     # ---- what a policy defines ----------------------------------------------------------------------
     def score(self, layer_idx: int, keys, values, received, value) -> torch.Tensor:  # pragma: no cover
@@ -140,6 +148,63 @@ class ScoredCache(StreamingCache):
             layer.evicted = None
         return out
 
+    # ---- the compiled decode step (streamkv/compiled.py) ------------------------------------------------
+    @property
+    def static_decode_capable(self) -> bool:
+        return self._static_layout()
+
+    def _static_steady(self, plan) -> bool:
+        """Steady: the window full and every heavy set full, so the step evicts one token, the window's oldest
+        (not the new one), and each head's heavy set trades at most one of its N tokens for it."""
+        n = self.heavy
+        return (n > 0 and self.n_heavy == n and plan.gap == n and self._one_slot_step(plan)
+                and plan.n_view == plan.capacity and plan.evict_src is not None and plan.evict_src.numel() == 1
+                and int(plan.evict_src[0]) != plan.append_slot
+                and all(i < len(self.sets) and self.sets[i] is not None and self.sets[i].n == n for i in self.attention_layers))
+
+    def _static_extras(self, plan, step) -> None:
+        device = step.slot.device
+        step.parts = [None] * self.n_layers
+        for i in self.attention_layers:  # once per distinct rope: the places' cos/sin, and the evicted key's to 0
+            rope = self.rope_for_layer(i)
+            step.parts[i] = (*self._places(plan, rope, self.heavy), *self._to_zero(plan, rope))
+        value = self._evicted_values(plan.evict_seq)  # (sirllm; every layer reads it in this step, so it is forgotten)
+        step.evicted = (plan.evict_src.to(device), plan.evict_seq, plan.evict_pos, value)
+        step.attend = self._attend_static
+
+    def _attend_static(self, module, query, keys, values, scaling):
+        """A steady step's attention and eviction (traced): what `attend` and `_offer` do when one token leaves
+        the window, with tensor ops only. keys/values: the whole slot buffer [1, H, cap, D]."""
+        i, step = module.layer_idx, self._static
+        layer, hs, rope, n = self.layers[i], self.sets[i], self.rope_for_layer(i), self.heavy
+        cos_p, sin_p, cos_z, sin_z = step.parts[i]
+        slot, seq_e, pos_e, val_e = step.evicted
+        h, d, dv = keys.shape[1], keys.shape[3], values.shape[3]
+        heavy_k = rope.apply(hs.keys[:, :, :n], cos_p, sin_p)  # [1, H, n, D] at their places
+        out, received = attend_one_traced(query, [(query, keys, values, False), (query, heavy_k, hs.values[:, :, :n], False)],
+                                          scaling, received=True)
+        step.calls += 1
+        if self.observe:  # the new token's slot starts from 0, as in `apply`
+            layer.received.index_fill_(1, step.slot, 0.0).add_(received[0])  # [H, cap]
+            hs.received[:, :n] += received[1]
+        # the candidates: each head's n heavy tokens, then the evicted one (the newest in stream order)
+        cand_k = torch.cat([hs.keys[:, :, :n], rope.apply(keys.index_select(2, slot), cos_z, sin_z)], dim=2)  # [1, H, n+1, D]
+        cand_v = torch.cat([hs.values[:, :, :n], values.index_select(2, slot)], dim=2)
+        rec = torch.cat([hs.received[:, :n], layer.received.index_select(1, slot)], dim=1) if self.observe else None  # [H, n+1]
+        val = torch.cat([hs.value[:, :n], val_e.expand(h, 1)], dim=1)
+        scores = self.score(i, cand_k[0], cand_v[0], rec, val if self.uses_values else None)  # [H, n+1]
+        drop = (scores.double() + self._tie_order).argmin(dim=1)  # [H]: each head's lowest (ties: the newer goes)
+        rank = self._ranks[None, :]  # [1, n]
+        keep = rank + (rank >= drop[:, None]).long()  # [H, n]: the survivors' indices, in stream order
+        hs.keys[:, :, :n] = cand_k.gather(2, keep[None, :, :, None].expand(-1, -1, -1, d))
+        hs.values[:, :, :n] = cand_v.gather(2, keep[None, :, :, None].expand(-1, -1, -1, dv))
+        hs.seq[:, :n] = torch.cat([hs.seq[:, :n], seq_e.expand(h, 1)], dim=1).gather(1, keep)
+        hs.pos[:, :n] = torch.cat([hs.pos[:, :n], pos_e.expand(h, 1)], dim=1).gather(1, keep)
+        hs.value[:, :n] = val.gather(1, keep)
+        if self.observe:
+            hs.received[:, :n] = rec.gather(1, keep)
+        return out
+
     @staticmethod
     def _places(plan, rope, n: int) -> tuple:
         """cos/sin [n, rd] of the heavy tokens' places, right before the window (once per step and rope)."""
@@ -182,7 +247,7 @@ class ScoredCache(StreamingCache):
             scores = self.score(layer_idx, cand_k[0], cand_v[0], rec if self.observe else None,
                                 val if self.uses_values else None)  # [H, m]
             # ties keep the older token: a tiny bonus decreasing with the rank in stream order
-            order = torch.arange(m, 0, -1, dtype=torch.float64) * 1e-9
+            order = torch.arange(m, 0, -1, dtype=torch.float64) * 1e-9  # (`_tie_order` when m = heavy + 1)
             idx = (scores.double() + order).topk(keep, dim=1).indices.sort(dim=1).values  # [H, keep], stream order
         else:
             idx = torch.arange(m).expand(h, m)
