@@ -9,7 +9,7 @@ the step in which attention is computed. transformers routes every modern decode
 How the function finds its cache: when a policy that wants the queries returns keys from `update()`, it
 leaves a hook `(returned_key_tensor, callback)` in a thread-local slot. The model passes exactly that tensor
 on to the attention function a few lines later; the function checks the *identity* (`key is returned`)
-and calls the policy. Anything else (another cache, no cache, a policy without a hook) falls through to
+and calls the policy (with the model's mask as `attention_mask`: a hook may check it). Anything else (another cache, no cache, a policy without a hook) falls through to
 PyTorch's SDPA, the model's default on CPU, with transformers' own SDPA masks (registered for "streamkv"
 too), so a model switched to "streamkv" computes exactly what it did before for every other use.
 
@@ -61,7 +61,7 @@ def streamkv_attention(module, query, key, value, attention_mask, dropout: float
         return static.attend(module, query, key, value, scaling), None
     hook = _take_hook(key)
     if hook is not None:
-        return hook(module, query, key, value, scaling, dropout=dropout, **kwargs), None
+        return hook(module, query, key, value, scaling, attention_mask=attention_mask, dropout=dropout, **kwargs), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
@@ -76,7 +76,7 @@ def module_eager_attention(module) -> Callable:
 def streamkv_eager_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     hook = _take_hook(key)
     if hook is not None:
-        return hook(module, query, key, value, scaling, dropout=dropout, **kwargs), None
+        return hook(module, query, key, value, scaling, attention_mask=attention_mask, dropout=dropout, **kwargs), None
     return module_eager_attention(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

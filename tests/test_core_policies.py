@@ -176,3 +176,44 @@ def test_one_query_attention_equals_softmax_over_every_part():
     torch.testing.assert_close(received[0], received_attention(query, k1, 0, 0.25, lse, max_rows=None), atol=1e-6, rtol=0)
     torch.testing.assert_close(received[1], p[..., 37:].view(1, hkv, hq // hkv, 1, 11).sum(dim=(0, 2, 3)), atol=1e-6, rtol=0)
     assert not one_query(torch.randn(1, hq, 2, d), parts)  # two queries: the fused kernel
+
+
+def test_chunk_attention_takes_the_unmasked_path_and_honours_other_masks():
+    """A chunk through the slot table (sink) attends kept + new tokens without a mask (`_attend_chunk`:
+    attend_parts), equal to SDPA with transformers' causal mask (a DynamicCache). A mask that is not that
+    causal one (here a prefix-LM's: the chunk's first 6 tokens see each other both ways) is honoured as the
+    model's SDPA would: the same logits as a DynamicCache given that mask, not the causal ones."""
+    from transformers import DynamicCache
+
+    from streamkv.policies.base import StreamingCache
+
+    model = make_tiny("llama", layers=2)
+    ids = random_ids(50, seed=5)
+    calls = []
+    real = StreamingCache._attend_chunk
+
+    def counting(self, *a, **kw):
+        calls.append(kw.get("attention_mask") is None)
+        return real(self, *a, **kw)
+
+    StreamingCache._attend_chunk = counting
+    try:
+        for prefix in (False, True):
+            cache, ref = make_policy("sink", model, sinks=2, window=100), DynamicCache()
+            with torch.no_grad():
+                for c in (cache, ref):
+                    model(ids[:, :30], past_key_values=c, use_cache=True)
+                mask = None
+                if prefix:  # [1, 1, q, k] bool: causal over 30 kept + 20 new, the first 6 new see each other
+                    mask = torch.ones(20, 50, dtype=torch.bool).tril(30)
+                    mask[:6, 30:36] = True
+                    mask = mask[None, None]
+                got = model(ids[:, 30:], past_key_values=cache, attention_mask=mask, use_cache=True).logits
+                want = model(ids[:, 30:], past_key_values=ref, attention_mask=mask, use_cache=True).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            if prefix:
+                causal = model(ids[:, 30:], past_key_values=make_policy("sink", model, sinks=2, window=100)).logits
+                assert not torch.allclose(got, causal, atol=1e-3)
+    finally:
+        StreamingCache._attend_chunk = real
+    assert len(calls) == 2 * 2 * 2 + 2  # every layer of every chunk took the hook (2 layers, 2 chunks, 2 runs; + 1 chunk)
