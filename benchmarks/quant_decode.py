@@ -5,7 +5,7 @@ interfere with later ones) and the settings are alternated for --rounds rounds, 
 round, so slow phases of a shared machine hit every setting. A child loads the embedded model with the
 setting, warms up (one 600-token feed and 4 steps in a throwaway session: kernel JIT, first touch),
 streams generated filler text through a `sink` cache (sinks=4, window=1020: 1,024 kept tokens), or with
-`--policy memory` through `memory` at its defaults, in 512-token chunks up to --position (prefill
+`--policy memory` (or h2o, sirllm) through that policy at its defaults, in 512-token chunks up to --position (prefill
 tokens/s), then times --steps single-token decode steps there (teacher-forced: the same work as sampling
 without the sampler). `memory` re-chooses its blocks every 4th step (eagerly, reading blocks back from
 the store): its mean over the steps is what a user waits per token, and is reported beside the median. The JSON records lscpu (CPU model and
@@ -46,6 +46,10 @@ POLICIES = {"sink": {"policy": "sink", "sinks": 4, "window": 1020},  # 1,024 kep
             "memory": {"policy": "memory"},  # its defaults: 4 + 768..831 + 16 x 64 retrieved (up to 1,859 attended)
             "h2o": {"policy": "h2o"},  # its defaults: 4 sinks + 512 recent + 508 heavy per KV head (1,024 kept)
             "sirllm": {"policy": "sirllm"}}  # the same budget, the heavy set by surprisal
+CACHES = {"sink": "sink, sinks=4, window=1020 (1,024 kept tokens)",  # what the JSON says of each
+          "memory": "memory, its defaults (4 sinks + 768..831 recent + 16 blocks of 64 retrieved)",
+          "h2o": "h2o, its defaults (4 sinks + 512 recent + 508 heavy per KV head: 1,024 kept)",
+          "sirllm": "sirllm, its defaults (4 sinks + 512 recent + 508 most surprising: 1,024 kept)"}
 
 
 def child(args) -> dict:
@@ -206,8 +210,7 @@ def main() -> int:
             split_setting(label)  # an unknown setting or a malformed parameter: say so before any run
     result = {"command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "threads": args.threads, "position": args.position, "steps": args.steps, "rounds": args.rounds,
-              "cache": {"sink": "sink, sinks=4, window=1020 (1,024 kept tokens)",
-                        "memory": "memory, its defaults (4 sinks + 768..831 recent + 16 blocks of 64 retrieved)"}[args.policy],
+              "cache": CACHES[args.policy],
               "machine": {"lscpu": lscpu(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                           "transformers": transformers.__version__,
                           "cpu_capability": torch.backends.cpu.get_cpu_capability()},
