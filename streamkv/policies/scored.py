@@ -179,7 +179,7 @@ class ScoredCache(StreamingCache):
         layer, hs, rope, n = self.layers[i], self.sets[i], self.rope_for_layer(i), self.heavy
         cos_p, sin_p, cos_z, sin_z = step.parts[i]
         slot, seq_e, pos_e, val_e = step.evicted
-        h, d, dv = keys.shape[1], keys.shape[3], values.shape[3]
+        h = keys.shape[1]
         heavy_k = rope.apply(hs.keys[:, :, :n], cos_p, sin_p)  # [1, H, n, D] at their places
         out, received = attend_one_traced(query, [(query, keys, values, False), (query, heavy_k, hs.values[:, :, :n], False)],
                                           scaling, received=True)
@@ -190,19 +190,16 @@ class ScoredCache(StreamingCache):
         # the candidates: each head's n heavy tokens, then the evicted one (the newest in stream order)
         cand_k = torch.cat([hs.keys[:, :, :n], rope.apply(keys.index_select(2, slot), cos_z, sin_z)], dim=2)  # [1, H, n+1, D]
         cand_v = torch.cat([hs.values[:, :, :n], values.index_select(2, slot)], dim=2)
-        rec = torch.cat([hs.received[:, :n], layer.received.index_select(1, slot)], dim=1) if self.observe else None  # [H, n+1]
+        rec = torch.cat([hs.received[:, :n], layer.received.index_select(1, slot) if self.observe
+                         else torch.zeros_like(hs.received[:, :1])], dim=1)  # [H, n+1]
         val = torch.cat([hs.value[:, :n], val_e.expand(h, 1)], dim=1)
-        scores = self.score(i, cand_k[0], cand_v[0], rec, val if self.uses_values else None)  # [H, n+1]
+        scores = self.score(i, cand_k[0], cand_v[0], rec if self.observe else None, val if self.uses_values else None)  # [H, n+1]
         drop = (scores.double() + self._tie_order).argmin(dim=1)  # [H]: each head's lowest (ties: the newer goes)
         rank = self._ranks[None, :]  # [1, n]
         keep = rank + (rank >= drop[:, None]).long()  # [H, n]: the survivors' indices, in stream order
-        hs.keys[:, :, :n] = cand_k.gather(2, keep[None, :, :, None].expand(-1, -1, -1, d))
-        hs.values[:, :, :n] = cand_v.gather(2, keep[None, :, :, None].expand(-1, -1, -1, dv))
-        hs.seq[:, :n] = torch.cat([hs.seq[:, :n], seq_e.expand(h, 1)], dim=1).gather(1, keep)
-        hs.pos[:, :n] = torch.cat([hs.pos[:, :n], pos_e.expand(h, 1)], dim=1).gather(1, keep)
-        hs.value[:, :n] = val.gather(1, keep)
-        if self.observe:
-            hs.received[:, :n] = rec.gather(1, keep)
+        seq = torch.cat([hs.seq[:, :n], seq_e.expand(h, 1)], dim=1)  # [H, n+1]
+        pos = torch.cat([hs.pos[:, :n], pos_e.expand(h, 1)], dim=1)
+        self._keep(hs, keep, cand_k, cand_v, seq, pos, rec, val)
         return out
 
     @staticmethod
@@ -251,6 +248,15 @@ class ScoredCache(StreamingCache):
             idx = (scores.double() + order).topk(keep, dim=1).indices.sort(dim=1).values  # [H, keep], stream order
         else:
             idx = torch.arange(m).expand(h, m)
+        self._keep(hs, idx, cand_k, cand_v, seq, pos, rec, val)
+        hs.n = keep
+        self.n_heavy = keep  # the same on every layer: every layer is offered the same tokens
+
+    @staticmethod
+    def _keep(hs: HeavySet, idx, cand_k, cand_v, seq, pos, rec, val) -> None:
+        """Each head's heavy set becomes its candidates at `idx` [H, keep] (stream order): cand_k/cand_v
+        [1, H, m, D], seq/pos/rec/val [H, m]. Eager trades and the compiled steady step write it alike."""
+        keep = idx.shape[1]
         hs.seq[:, :keep] = seq.gather(1, idx)
         hs.pos[:, :keep] = pos.gather(1, idx)
         hs.received[:, :keep] = rec.gather(1, idx)
@@ -258,8 +264,6 @@ class ScoredCache(StreamingCache):
         gi = idx[None, :, :, None]  # [1, H, keep, 1]
         hs.keys[:, :, :keep] = cand_k.gather(2, gi.expand(-1, -1, -1, cand_k.shape[-1]))
         hs.values[:, :, :keep] = cand_v.gather(2, gi.expand(-1, -1, -1, cand_v.shape[-1]))
-        hs.n = keep
-        self.n_heavy = keep  # the same on every layer: every layer is offered the same tokens
 
     def _evicted_values(self, seqs: torch.Tensor) -> torch.Tensor:
         if not self.uses_values:
