@@ -637,6 +637,8 @@ class StreamingCache(Cache):
         tokens/s (building and applying the mask cost ~90 ms per 1,024 tokens, the key copies of GQA ~120 ms).
         A mask that is not that causal one (a prefix-LM's bidirectional prefix) goes to SDPA as before."""
         plan = self._plan
+        if attention_mask is None and not getattr(module, "is_causal", True):  # (no mask, not causal: sees all)
+            return sdpa_attention_forward(module, query, keys, values, None, scaling=scaling, **kwargs)[0]
         if attention_mask is not None and plan.causal_mask is not attention_mask:
             q, k = query.shape[2], keys.shape[2]
             causal = torch.arange(k, device=query.device)[None, :] <= torch.arange(k - q, k, device=query.device)[:, None]
