@@ -28,8 +28,10 @@ def add_load_args(p) -> None:
                         "int4 in groups of 32 (output head int8); faster decoding, see docs/RESULTS.md (default: none)")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step with torch.compile (sink, window, h2o and sirllm once their "
-                        "cache is full, and memory's steps between two choices of blocks; duo stays eager; the first such step takes ~10-40 s to compile, then "
-                        "each is faster; falls back to eager with a warning)")
+                        "cache is full, and memory's steps between two choices of blocks; duo stays eager). The first such "
+                        "step compiles: on a 2-core CPU ~45 s for sink, ~105 s for h2o/sirllm the first time on a "
+                        "machine, 7-11 s once inductor's disk cache holds it; then each step is faster. Falls back to "
+                        "eager with a warning")
     p.add_argument("--device", default=DEFAULT_DEVICE,
                    help=f"torch device: cpu, cuda or cuda:N (default: {DEFAULT_DEVICE}; an error if CUDA is absent)")
 
