@@ -19,11 +19,28 @@ of a call to SDPA's fused kernel (sink) or four small matmuls (memory). In-proce
 int4, 2 threads, AMD EPYC, old and new alternated 9 times in blocks of 32 steps: sink at 2k 16.9 -> 15.9 ms
 a step (median), memory at 8k 21.7 -> 21.2 ms. What a steady step of `memory` costs after that (profiled,
 per step): int4 linears 4.2 ms, attention 6.4 ms (the weighted sum of 1,859 values 4.1 of it), the int8
-output head 2.6 ms, the Python wrapper that calls inductor's kernels 3.1 ms and dynamo's guard checks 2.1 ms
-(checked at every call; skipping them, `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, could
-silently run a graph compiled for another cache shape, so they stay). Inductor's size asserts are off: the
-guards already check every input's shape and strides, and the asserts' 1,066 calls cost 0.5 ms a step
-(the wrapper's profiled time 2.36 -> 1.82 ms, sink).
+output head 2.6 ms, the Python wrapper that calls inductor's kernels 3.1 ms and dynamo's guard checks 2.1 ms.
+Inductor's size asserts are off: the guards already check every input's shape and strides, and the asserts'
+1,066 calls cost 0.5 ms a step (the wrapper's profiled time 2.36 -> 1.82 ms, sink).
+
+Two more cuts of that per-step cost (7 Dec 2026, a 2-core Intel Xeon with AMX, int4, profiled per step):
+* **The C++ wrapper** (`cpp_wrapper`): inductor's kernels are called from generated C++ instead of a Python
+  function of ~1,000 calls. `memory` at 4k: the compiled region 27.6 -> 24.0 ms a step; `sink` at 2k, old
+  and new alternated in their own processes, 3 rounds: 23.4 / 21.2 / 23.6 -> 19.6 / 20.8 / 21.9 ms. It costs
+  compile time once: the embedded model's first compiled `sink` step 75 -> 131 s with a cold inductor cache
+  (13 s either way once the cache on disk holds it).
+* **Guards on the model's modules dropped** (`_guard_filter`): of the ~8,400 guards of a `memory` step, ~7,000
+  check the model's modules (their hooks, attributes, and every weight's shape, dtype and strides); the 480
+  weight checks alone cost ~1.8 ms a step. Checked per step: `sink` 1.77 -> 0.39 ms (torch's
+  `use_recursive_dict_tags_for_guards` gave 0.81 ms; it is a process-wide setting, and it too takes
+  tensors as unchanging). Every guard on the cache, the inputs and the model's config stays, so a graph
+  still never runs for another cache shape. What replaces the dropped ones (`_Decode._check_weights`): each
+  model compiles its own graphs (a code object of its own: dynamo keeps graphs per code object), and each
+  step compares every weight's storage with what it was at the first step (~60 us): a weight swapped in place
+  (`p.data = ...`, as `model.to(dtype)` does) makes the step compile anew (tests/test_compiled.py). Not
+  detected, after a model's first compiled step: a parameter or module replaced by another object, a forward
+  hook added, a module's attribute changed (streamkv itself does none of these; `compiled.disable` and
+  `enable` again start afresh).
 
 `h2o` and `sirllm` (scored.py) attend themselves too: in steady state (window and heavy sets full) a step
 evicts exactly one token, the window's oldest, and each KV head's heavy set trades at most one of its N
@@ -58,6 +75,7 @@ checks `failed`).
 """
 from __future__ import annotations
 
+import types
 import warnings
 import weakref
 
@@ -74,23 +92,57 @@ def _forward(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor) 
                  logits_to_keep=1, **extra).logits
 
 
+def _guard_filter(entries) -> list[bool]:
+    """Which of dynamo's guards a compiled step checks at every call: all but those on the model's modules
+    (the module docstring says why, and what checks the weights instead)."""
+    return [not (e.name.startswith("model._modules") or e.name.startswith("L['model']._modules")) for e in entries]
+
+
+def _weights(model) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
 class _Decode:
     """One model's compiled step (dynamo keeps one graph per cache shape; sessions of one shape share it)."""
 
     def __init__(self):
         import torch._dynamo
 
-        # one graph per cache shape and model; the default limit (8) would silently fall back to eager.
-        # size_asserts off: dynamo's guards check every input's shape and strides already (module docstring)
+        # one graph per cache shape; the default limit (8) would silently fall back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.fn = torch.compile(_forward, dynamic=False, options={"size_asserts": False})
+        self.fn = self._compile()
         self.failed: str | None = None
         self.steps = 0  # compiled steps run (tests check the path was taken)
+        self.recompiles = 0  # fresh compilations because the model's weights moved (`_check_weights`)
+        self._weights: list[torch.Tensor] | None = None  # the model's parameters and buffers at the first step
+        self._ptrs: tuple = ()
+
+    @staticmethod
+    def _compile():
+        # a code object of its own: dynamo keeps its graphs per code object, so this model's graphs are never
+        # tried on another model (their guards no longer check the model's modules: `_guard_filter`)
+        fresh = types.FunctionType(_forward.__code__.replace(), _forward.__globals__, "_forward")
+        # C++ wrapper: the compiled step calls its kernels from C++, not from a Python function of ~1,000 calls;
+        # size_asserts off: dynamo's guards check every input's shape and strides already (module docstring)
+        return torch.compile(fresh, dynamic=False,
+                             options={"cpp_wrapper": True, "size_asserts": False, "guard_filter_fn": _guard_filter})
+
+    def _check_weights(self, model) -> None:
+        """Compile anew if any weight of the model is not the tensor it was at the first step (a dtype or device
+        change, a `.data` swap, a module replaced): the graphs were made for those tensors' shapes and dtypes."""
+        if self._weights is not None and tuple(map(torch.Tensor.data_ptr, self._weights)) == self._ptrs:
+            return
+        now = _weights(model)
+        if self._weights is not None and (len(now) != len(self._weights) or any(a is not b for a, b in zip(now, self._weights))
+                                          or tuple(map(torch.Tensor.data_ptr, now)) != self._ptrs):
+            self.fn, self.recompiles = self._compile(), self.recompiles + 1
+        self._weights, self._ptrs = now, tuple(map(torch.Tensor.data_ptr, now))
 
     def __call__(self, model, cache, input_ids, position_ids) -> torch.Tensor:
         out = None
         if self.failed is None:
             try:
+                self._check_weights(model)
                 out = self.fn(model, cache, input_ids, position_ids)
                 self.steps += 1
             except Exception as e:  # noqa: BLE001 - any compile failure: warn once, decode eagerly

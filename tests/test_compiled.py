@@ -113,29 +113,71 @@ def test_memory_compiled_decode_equals_eager(arch, params):
     assert session.policy.max_position < 500  # through position restarts
 
 
-def test_a_model_of_the_same_shapes_reuses_the_graph_with_its_own_weights():
-    """Graphs are shared across models of one architecture and shape (the weights are inputs of the graph, not
-    constants): a second model with other weights runs the first one's graph and still equals its own eager run."""
+def _memory_run(model, ids, kw, compile_it: bool) -> list[torch.Tensor]:
+    if compile_it:
+        compiled.enable(model)
+    try:
+        s = StreamSession(model, None, "memory", **kw)
+        out = [s.feed(ids[:40]).clone()] + [s.feed(ids[i : i + 1]).clone() for i in range(40, ids.numel())]
+        if compile_it:
+            assert compiled.decode_step(model).steps > 100
+    finally:
+        compiled.disable(model)
+    return out
+
+
+def test_each_model_has_its_own_graphs():
+    """A compiled step's guards do not check the model's modules (compiled.py: they cost ~1.4 ms a step), so
+    graphs are never shared between models: two models of one architecture and shape, and one with another
+    number of layers, each compile their own, and each equals its own eager run."""
     from torch._dynamo.utils import counters
 
     ids = _stream(300, seed=7)
     kw = dict(sinks=4, window=24, block=8, topk=3, ram_mb=0, chunk_size=32)
-    graphs = []
-    for seed in (11, 12):
-        model = make_tiny("llama", layers=2, seed=seed)
-        ref = StreamSession(model, None, "memory", **kw)
-        expected = [ref.feed(ids[:40]).clone()] + [ref.feed(ids[i : i + 1]).clone() for i in range(40, 300)]
-        compiled.enable(model)
-        try:
-            s = StreamSession(model, None, "memory", **kw)
-            got = [s.feed(ids[:40]).clone()] + [s.feed(ids[i : i + 1]).clone() for i in range(40, 300)]
-            assert compiled.decode_step(model).steps > 100
-        finally:
-            compiled.disable(model)
+    graphs = [counters["stats"]["unique_graphs"]]
+    for seed, layers in ((11, 2), (12, 2), (13, 3)):
+        model = make_tiny("llama", layers=layers, seed=seed)
+        expected = _memory_run(model, ids, kw, False)
+        got = _memory_run(model, ids, kw, True)
         graphs.append(counters["stats"]["unique_graphs"])
         for i, (a, b) in enumerate(zip(expected, got)):
             torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=f"seed {seed}, step {i}")
-    assert graphs[1] == graphs[0]  # the second model compiled nothing new
+    assert all(b > a for a, b in zip(graphs, graphs[1:])), graphs  # every model compiled graphs of its own
+
+
+def test_weights_replaced_after_compiling_compile_anew():
+    """The guards that no longer check the model's weights are replaced by a check of every weight's storage
+    at each step: weights swapped in place (`p.data = ...`, as `model.to(dtype)` does) make the step compile
+    anew, and the compiled step equals the eager one with the new weights."""
+    ids = _stream(260, seed=8)
+    kw = dict(sinks=4, window=24, block=8, topk=3, ram_mb=0, chunk_size=32)
+    model = make_tiny("llama", layers=2, seed=14)
+    compiled.enable(model)
+    try:
+        s = StreamSession(model, None, "memory", **kw)
+        s.feed(ids[:40])
+        for i in range(40, 160):
+            s.feed(ids[i : i + 1])
+        step = compiled.decode_step(model)
+        assert step.steps > 50 and step.recompiles == 0
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data * 1.25  # new storage, same shapes
+        got = [s.feed(ids[i : i + 1]).clone() for i in range(160, 260)]
+        assert step.recompiles == 1
+    finally:
+        compiled.disable(model)
+    twin = make_tiny("llama", layers=2, seed=14)  # the same stream, eager, with the same swap at step 160
+    ref = StreamSession(twin, None, "memory", **kw)
+    ref.feed(ids[:40])
+    for i in range(40, 160):
+        ref.feed(ids[i : i + 1])
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.data = p.data * 1.25
+    expected = [ref.feed(ids[i : i + 1]).clone() for i in range(160, 260)]
+    for i, (a, b) in enumerate(zip(expected, got)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=f"step {160 + i}")
 
 
 def test_memory_compiled_step_refuses_a_model_that_drops_attention_kwargs(monkeypatch):
