@@ -29,9 +29,9 @@ def add_load_args(p) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step with torch.compile (sink, window, h2o and sirllm once their "
                         "cache is full, and memory's steps between two choices of blocks; duo stays eager). The first such "
-                        "step compiles: on a 2-core CPU ~45 s for sink, ~105 s for h2o/sirllm the first time on a "
-                        "machine, 7-11 s once inductor's disk cache holds it; then each step is faster. Falls back to "
-                        "eager with a warning")
+                        "step compiles (C++ included): on a slow 2-core Xeon ~130 s for sink, ~6 min for h2o the first "
+                        "time on a machine, ~13 s once inductor's disk cache holds it; then each step is faster. Falls "
+                        "back to eager with a warning")
     p.add_argument("--device", default=DEFAULT_DEVICE,
                    help=f"torch device: cpu, cuda or cuda:N (default: {DEFAULT_DEVICE}; an error if CUDA is absent)")
 
