@@ -132,11 +132,10 @@ class _Decode:
         change, a `.data` swap, a module replaced): the graphs were made for those tensors' shapes and dtypes."""
         if self._weights is not None and tuple(map(torch.Tensor.data_ptr, self._weights)) == self._ptrs:
             return
-        now = _weights(model)
-        if self._weights is not None and (len(now) != len(self._weights) or any(a is not b for a, b in zip(now, self._weights))
-                                          or tuple(map(torch.Tensor.data_ptr, now)) != self._ptrs):
+        if self._weights is not None:  # a weight moved since the first step (or the last fresh compile)
             self.fn, self.recompiles = self._compile(), self.recompiles + 1
-        self._weights, self._ptrs = now, tuple(map(torch.Tensor.data_ptr, now))
+        self._weights = _weights(model)
+        self._ptrs = tuple(map(torch.Tensor.data_ptr, self._weights))
 
     def __call__(self, model, cache, input_ids, position_ids) -> torch.Tensor:
         out = None
