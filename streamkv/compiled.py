@@ -128,8 +128,9 @@ class _Decode:
                              options={"cpp_wrapper": True, "size_asserts": False, "guard_filter_fn": _guard_filter})
 
     def _check_weights(self, model) -> None:
-        """Compile anew if any weight of the model is not the tensor it was at the first step (a dtype or device
-        change, a `.data` swap, a module replaced): the graphs were made for those tensors' shapes and dtypes."""
+        """Compile anew if any weight's storage moved since the first step (a dtype or device change, a `.data`
+        swap): the graphs were made for those tensors' shapes and dtypes. (A parameter or module replaced by
+        another object is not seen here: the module docstring lists what is not detected.)"""
         if self._weights is not None and tuple(map(torch.Tensor.data_ptr, self._weights)) == self._ptrs:
             return
         if self._weights is not None:  # a weight moved since the first step (or the last fresh compile)
