@@ -10,9 +10,12 @@ How it runs (measured on that Xeon, AVX-512 + AMX, torch 2.13; see docs/RESULTS.
 * Decode (few rows): `torch._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu`. Both are fast only
   with bfloat16 activations (with float32 activations they fall back to a path 10-25x slower), so the
   input is cast to bfloat16 and the output back to the caller's dtype. The kernels need bfloat16 scales.
-* Prefill (many rows): those kernels are 2x slower than a float32 GEMM at 512 rows, while a bfloat16 GEMM
-  (AMX) is 6x faster. So the weight is dequantised to bfloat16 on the fly (~1 ms per MLP matrix) and
-  multiplied with `F.linear`; nothing dequantised is kept.
+* Prefill (many rows): those kernels are 2x slower than a float32 GEMM at 512 rows. So the weight is
+  dequantised on the fly (~1 ms per MLP matrix) and multiplied with `F.linear`; nothing dequantised is kept.
+  The GEMM's dtype depends on the CPU (`PREFILL_DTYPE`, decided once at import): bfloat16 where the CPU
+  multiplies bfloat16 in hardware (AMX or AVX512-BF16: 6x faster than float32 on that Xeon), float32
+  elsewhere. Without that hardware oneDNN emulates bfloat16, and on an AVX2-only AMD EPYC (Zen 3) a bfloat16
+  GEMM at 512 rows took 7-8x the float32 one (RESULTS section 5).
 * int4 stores its codes twice: in the kernel's packed layout (CPU-capability dependent, so unreadable to
   us) for decode, and as plain nibble pairs for the prefill dequantisation. Decode reads only the first,
   so a token still costs int4 bandwidth; memory is 1 byte per weight, like int8.
@@ -34,8 +37,18 @@ log = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("none", "int8", "int4")  # the one list: CLI choices and load() validation read it
 INT4_GROUP_SIZE = 32  # input features per int4 scale/zero; 32 matches the Q4_1 blocks of the embedded GGUF
-KERNEL_MAX_ROWS = 16  # up to this many rows per call use the int kernels; more rows dequantise + bf16 GEMM
+KERNEL_MAX_ROWS = 16  # up to this many rows per call use the int kernels; more rows dequantise + GEMM
 _COMPUTE = torch.bfloat16  # the activation dtype the CPU int kernels are fast with
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16 dot products). Without
+    them a bfloat16 GEMM is emulated and slower than float32 (see the module docstring)."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's own cpuinfo probes
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+PREFILL_DTYPE = torch.bfloat16 if native_bf16() else torch.float32  # the dtype of the many-rows GEMM
 
 
 def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:
@@ -115,13 +128,14 @@ class QuantLinear(nn.Module):
         return q.mul_(scale).add_(low).reshape(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(_COMPUTE)  # [tokens, in]
+        rows = x.reshape(-1, self.in_features)  # [tokens, in]
         if rows.shape[0] > KERNEL_MAX_ROWS:
-            out = F.linear(rows, self.dequantize(_COMPUTE))
+            out = F.linear(rows.to(PREFILL_DTYPE), self.dequantize(PREFILL_DTYPE))
         elif self.mode == "int8":
-            out = torch._weight_int8pack_mm(rows, self.qweight, self.scale)
+            out = torch._weight_int8pack_mm(rows.to(_COMPUTE), self.qweight, self.scale)
         else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scale_zero)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(_COMPUTE), self.packed, self.group_size,
+                                                              self.scale_zero)
         out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias

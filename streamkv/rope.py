@@ -363,9 +363,9 @@ def _check_translation(model, cfg) -> None:
     RoPE are not enough: anything else that depends on absolute positions (a query scale growing with the
     position in NoPE layers: Beam) makes a token's output depend on where streamkv happens to place it.
 
-    "The same" allows the model's own rounding: rotating at other angles rounds differently, and int4
-    weights or bfloat16 activations amplify that (moving SmolLM2 by one position changes its int4 logits
-    by ~0.5 % of their scale, its bfloat16 logits by up to ~15 %). A dependence on the absolute position
+    "The same" allows the model's own rounding: rotating at other angles rounds differently, and bfloat16
+    activations amplify that (moving SmolLM2 by one position changes its bfloat16 logits by up to ~15 % of
+    their scale; `load` probes a quantised model before its weights are replaced). A dependence on the absolute position
     grows with the shift, rounding does not: the logits 37 and 1000 positions later may differ from those at
     0 by the float tolerance or by 8x what shifts of 1 and 2 change, whichever is larger. (In float32
     Beam's query scale changes its logits by ~1e-4 of their scale at a shift of 2 and ~1e-2 at 1000.)"""

@@ -7,9 +7,11 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from eval_helpers import ROOT, save_tiny, tiny_model
+from streamkv import quantize
 from streamkv.models import load, resolve_device
 from streamkv.quantize import INT4_GROUP_SIZE, QUANTIZE_MODES, QuantLinear, check_mode, quantize_model
 from streamkv.session import StreamSession
@@ -33,7 +35,7 @@ def _bound(q: QuantLinear, lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 3, 40])  # 1 and 3: the int kernels; 40: dequantise + bfloat16 GEMM
+@pytest.mark.parametrize("rows", [1, 3, 40])  # 1 and 3: the int kernels; 40: dequantise + GEMM (PREFILL_DTYPE)
 def test_quantlinear_output_within_the_quantisation_bound(mode, rows):
     lin = _linear()
     q = QuantLinear(lin, mode)
@@ -55,14 +57,29 @@ def test_int4_error_is_larger_than_int8_and_both_small():
     assert rel["int8"] < 0.01 < rel["int4"] < 0.15, rel
 
 
-def test_kernel_and_dequantised_paths_agree():
+@pytest.mark.parametrize("gemm_dtype", [torch.bfloat16, torch.float32])  # both CPU kinds, on any CPU
+def test_kernel_and_dequantised_paths_agree(gemm_dtype, monkeypatch):
+    monkeypatch.setattr(quantize, "PREFILL_DTYPE", gemm_dtype)
     lin = _linear()
     for mode in ("int8", "int4"):
         q = QuantLinear(lin, mode)
         x = torch.randn(1, 576)
         via_kernel = q(x)
-        via_dequant = q(x.expand(40, 576))[:1]  # more rows than the kernel path takes
-        assert torch.allclose(via_kernel, via_dequant, rtol=2e-2, atol=2e-2 * float(via_kernel.abs().max()))
+        many = x.expand(40, 576)  # more rows than the kernel path takes
+        via_dequant = q(many)
+        assert torch.allclose(via_kernel, via_dequant[:1], rtol=2e-2, atol=2e-2 * float(via_kernel.abs().max()))
+        # the many-rows path is exactly a GEMM in that dtype with the dequantised weight
+        exact = F.linear(many.to(gemm_dtype), q.dequantize(gemm_dtype)).float() + lin.bias.detach()
+        assert torch.equal(via_dequant, exact)
+        assert (via_dequant - lin(many)).abs().max() <= _bound(q, lin, many).max()
+
+
+def test_prefill_gemm_dtype_follows_the_cpu():
+    """bfloat16 only where the CPU multiplies it in hardware (emulated bfloat16 was 7-8x slower on an
+    AVX2-only EPYC); this asserts the rule against torch's own cpuinfo probes."""
+    hardware = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert quantize.native_bf16() == hardware
+    assert quantize.PREFILL_DTYPE == (torch.bfloat16 if hardware else torch.float32)
 
 
 def test_unknown_modes_and_bad_groups_are_refused():
