@@ -180,6 +180,9 @@ def test_mean_representatives_are_the_means_of_the_block_keys_and_the_attention_
         halves = [at0[:, first : first + block // 2].mean(1), at0[:, first + block // 2 : first + block].mean(1)]
         expected = torch.stack(halves, dim=1)  # [H, 2, D]
         assert (cache.index[0][:, b].float() - expected).abs().max().item() < 1e-2 * expected.abs().max().item(), b
+        stored, _, pos = cache.store.get(b, 0)  # the store keeps the block's keys at position 0 too [H, B, D]
+        assert torch.equal(pos, torch.arange(first, first + block))  # (no restart here: a token sat at its index)
+        assert (stored - at0[:, first : first + block]).abs().max().item() < 1e-5, b
 
 
 def test_block_round_trips_bit_exactly_and_damage_is_named(tmp_path):
@@ -247,6 +250,34 @@ def test_disk_full_raises_clearly_and_loses_nothing(tmp_path):
     assert stream_state() == before[0] and torch.equal(session.logits, before[1])  # (blocks may have changed tier)
     got = session.feed(ids[60:])  # the symlink is gone with the failed write: the retry succeeds
     assert (got - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("placement,selection", [("fixed", "shared"), ("contiguous", "shared"), ("fixed", "head")])
+def test_a_store_with_keys_at_their_positions_still_streams(tmp_path, placement, selection):
+    """Stores written before keys were kept at position 0 hold them at the positions `pos` records, and their
+    snapshots say nothing of it: such a cache (simulated: `keys_at_zero` off from the start, which stores and
+    reads as the old code did) restores from a snapshot without the flag and continues bit-identically, and
+    streams what a cache storing keys at 0 does (fixed placement: bit-identically, as one rotation from the
+    same cos/sin either way; contiguous rotates twice from 0, so only to rounding)."""
+    model = make_tiny("llama", layers=2)
+    ids = random_ids(400, seed=6)[0]
+    params = dict(sinks=2, window=16, block=8, topk=4, ram_mb=0, placement=placement, selection=selection)
+    old = StreamSession(model, None, "memory", chunk_size=32, store_dir=str(tmp_path), **params)
+    old.policy.keys_at_zero = False
+    new = StreamSession(model, None, "memory", chunk_size=32, **params)
+    old_logits, new_logits = old.feed(ids[:250]), new.feed(ids[:250])
+    state = old.state_dict()
+    assert state["policy"]["memory"].pop("keys_at_zero") is False  # (what an old snapshot lacks)
+    expected = old.feed(ids[250:])
+    restored = StreamSession(model, None, "memory", chunk_size=32, store_dir=str(tmp_path), **params)
+    restored.load_state_dict(state)
+    assert restored.policy.keys_at_zero is False
+    assert torch.equal(restored.feed(ids[250:]), expected)
+    old_logits, new_logits = torch.cat([old_logits, expected]), torch.cat([new_logits, new.feed(ids[250:])])
+    if placement == "fixed":
+        assert torch.equal(old_logits, new_logits)
+    else:
+        assert (old_logits - new_logits).abs().max().item() < 1e-5
 
 
 def test_snapshot_restores_identical_logits(tmp_path):

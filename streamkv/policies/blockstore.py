@@ -2,10 +2,11 @@
 
 A block is the keys and values of the same B consecutive stream tokens in *every* layer (the shared slot table
 evicts the same tokens from all layers at once; a layer may keep only some of its KV heads, `duo`'s retrieval
-heads, so each layer has its own head count, possibly 0), stored as they sat in the window: each key rotated at the
-position recorded in `pos` (the one the model computed it at, or, if a position restart happened while it
-was in the window, that position moved once by the restart's shift). Fetching rotates from this stored copy,
-never from a fetched one, so rounding cannot accumulate however often a block comes back.
+heads, so each layer has its own head count, possibly 0), with `pos`, the positions the tokens sat at in the
+window (the one the model computed each key at, or, if a position restart happened while it was in the window,
+that position moved once by the restart's shift). `memory` hands over each key rotated once from there to
+position 0 (stores written before that hold the keys at `pos`; the snapshot says which). Fetching rotates from
+this stored copy, never from a fetched one, so rounding cannot accumulate however often a block comes back.
 
 Tiers:
 * RAM: an LRU of *layer parts* (one layer's keys and values of one block) capped at `ram_bytes`. New blocks
@@ -90,9 +91,9 @@ class BlockStoreError(RuntimeError):
 
 @dataclass
 class Block:
-    keys: list[torch.Tensor]  # per layer [H_l, B, D], each token rotated at pos[token]
+    keys: list[torch.Tensor]  # per layer [H_l, B, D], as the policy hands them (`memory`: rotated to position 0)
     values: list[torch.Tensor]  # per layer [H_l, B, Dv]
-    pos: torch.Tensor  # [B] positions the keys are rotated at
+    pos: torch.Tensor  # [B] positions the tokens sat at in the window
 
 
 def _nbytes(keys: torch.Tensor, values: torch.Tensor) -> int:

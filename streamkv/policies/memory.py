@@ -23,8 +23,9 @@ How a step works (see `attend`):
 3. At every step (each prefill chunk, each decoded token) every layer scores the blocks with its current
    queries (mean of the step's last 16 queries, per query head, max over a block's representatives, summed
    over heads: one choice shared by the heads of a layer, as InfLLM) and takes the top K, in stream order.
-   Scoring is one batched matmul per layer over the index; with fixed placement a changed choice reads and
-   rotates only the blocks new to it (their rotations looked up in one table of positions: `_to_zero`).
+   Scoring is one batched matmul per layer over the index; with fixed placement a changed choice reads only
+   the blocks new to it, and a read is a copy: the store keeps every key rotated to position 0, where fixed
+   placement attends it (rotating at each read cost 4-9 ms of a choosing step at 16k: eager int4, 2 threads).
    Decode steps re-choose only every `reselect` (4) steps and keep the last choice in between; prefill
    chunks always choose. Why: on near-identical filler 5-6 of the 16 blocks change at every decode step
    and the ones that come back are read from disk, so re-choosing at every step made decode 87 -> 136 ms a
@@ -44,8 +45,9 @@ How a step works (see `attend`):
    per head 4/10 (0/5 at 16k). (A guess at why, not measured: a head's own choice rests on 3 query heads
    instead of 9, so filler blocks win it more often.)
 4. Placement by place, between the sinks and the window (the base reserves `gap()` positions; sinks move
-   before it), in one of two ways. Retrieved keys are rotated once, from the store's copy, to canonical
-   positions, and the *query* is rotated for that part: RoPE is relative, so this equals re-rotating every
+   before it), in one of two ways. Retrieved keys sit at canonical positions (rotated once, when the block
+   is stored, to position 0; contiguous placement rotates them once more, from the store's copy, at each
+   read), and the *query* is rotated for that part: RoPE is relative, so this equals re-rotating every
    retrieved key every step, at the cost of one query rotation.
    * `fixed` (default, InfLLM's choice): every retrieved token at one position, right before the window.
    * `contiguous`: retrieved tokens laid out in stream order over K*B positions (keys at 0..G-1, query
@@ -134,7 +136,9 @@ class MemoryCache(StreamingCache):
         self.retrieved: dict[int, list] = {}  # per layer: block ids attended at the last step (per KV head: lists)
         self.ahead: dict[int, list] = {}  # choose=ahead: per layer, the blocks the next decode steps attend
         self._query_buffers: list = [None] * self.n_layers  # per layer: the static step's query (`_static_extras`)
-        self._rotations: dict = {}  # id(rope) -> (cos, sin) [P, rd] of the rotation from each position p < P to 0 (`_to_zero`)
+        # the store's keys are rotated to position 0 (`_store_evicted`); False only for a store written before that
+        # (a snapshot without "keys_at_zero"), whose keys sit at the positions `pos` records
+        self.keys_at_zero = True
         self.retrieval_seconds = 0.0  # spent choosing and fetching blocks (all layers), for the cost-per-step plot
 
     # ---- what is kept -------------------------------------------------------------------------------
@@ -324,7 +328,7 @@ class MemoryCache(StreamingCache):
         v = torch.cat([p[1] for p in parts], dim=1)
         pos = torch.cat([p[2] for p in parts])  # [G]
         target = torch.arange(pos.numel()) if self.placement == "contiguous" else torch.zeros_like(pos)
-        k = self.rope_for_layer(layer_idx).rotate(k, target - pos).unsqueeze(0)
+        k = self.rope_for_layer(layer_idx).rotate(k, target - self._stored_at(pos)).unsqueeze(0)
         v = v.unsqueeze(0)
         self._fetched[layer_idx] = (ids, k, v)
         return k, v
@@ -342,7 +346,7 @@ class MemoryCache(StreamingCache):
         k, v, pos = torch.stack(ks), torch.stack(vs), torch.stack(ps)  # [H, G, D], [H, G, Dv], [H, G]
         h, g, d = k.shape
         target = torch.arange(g).expand(h, g) if self.placement == "contiguous" else torch.zeros_like(pos)
-        k = self.rope_for_layer(layer_idx).rotate(k.reshape(h * g, d), (target - pos).reshape(-1)).view(1, h, g, d)
+        k = self.rope_for_layer(layer_idx).rotate(k.reshape(h * g, d), (target - self._stored_at(pos)).reshape(-1)).view(1, h, g, d)
         v = v.unsqueeze(0)
         self._fetched[layer_idx] = (ids, k, v)
         return k, v
@@ -350,9 +354,10 @@ class MemoryCache(StreamingCache):
     def _fetch_into_slots(self, layer_idx: int, ids: list[int], cached) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed placement: every retrieved token sits at one position, so a block's rotated keys do not depend on
         which other blocks are retrieved, and attention does not depend on their order. Each layer keeps one
-        buffer of K slots of B tokens; when the choice changes only the blocks new to it are read and rotated,
-        into the slots of the blocks that left. (Rebuilding all K blocks whenever one changed was 40% of a decode
-        step at 8k: the choice changes at most steps, by a block or two.)"""
+        buffer of K slots of B tokens; when the choice changes only the blocks new to it are read, each copied
+        from the store's tensors into the slot of a block that left. (Rebuilding all K blocks whenever one changed
+        was 40% of a decode step at 8k: the choice changes at most steps, by a block or two. Concatenating the new
+        blocks for one `index_copy_` per buffer moved every byte twice: 3-4 ms of a choosing step at 16k.)"""
         B = self.block
         slots, kbuf, vbuf = (list(cached[3]), cached[4], cached[5]) if cached is not None and len(cached) > 3 else ([], None, None)
         if len(ids) < len(slots):  # fewer blocks than before (never while streaming): start over
@@ -361,46 +366,33 @@ class MemoryCache(StreamingCache):
         free = [j for j, b in enumerate(slots) if b not in want]
         have = set(slots)
         new = [i for i in ids if i not in have]
-        if new:
-            rope = self.rope_for_layer(layer_idx)
-            parts = [self.store.get(i, self._part(layer_idx)) for i in new]  # (keys [H, B, D], values [H, B, Dv], pos [B])
-            cos, sin = self._to_zero(rope, torch.cat([p[2] for p in parts]))  # [n*B, rd]
-            k = rope.apply(torch.cat([p[0] for p in parts], dim=1), cos, sin)  # [H, n*B, D] to position 0, from the store's copy
-            v = torch.cat([p[1] for p in parts], dim=1)  # [H, n*B, Dv]
+        rope = self.rope_for_layer(layer_idx)
+        for i in new:
+            k, v, pos = self.store.get(i, self._part(layer_idx))  # keys [H, B, D] at position 0, values [H, B, Dv], pos [B]
+            if not self.keys_at_zero:  # an older store: keys at `pos`, rotated to 0 from the store's copy
+                k = rope.rotate(k, -pos)
             if kbuf is None:  # [1, H, K*B, D]: allocated once per layer
                 kbuf = k.new_zeros((1, k.shape[0], self.topk * B, k.shape[2]))
                 vbuf = v.new_zeros((1, v.shape[0], self.topk * B, v.shape[2]))
-            place = []  # the slot of each new block
-            for i in new:
-                j = free.pop() if free else len(slots)
-                if j == len(slots):
-                    slots.append(i)
-                slots[j] = i
-                place.append(j)
-            at = (torch.tensor(place)[:, None] * B + torch.arange(B)).view(-1)  # [n*B] token rows of the slots
-            kbuf[0].index_copy_(1, at, k)  # one copy per buffer, not one per block
-            vbuf[0].index_copy_(1, at, v)
+            j = free.pop() if free else len(slots)  # the slot of a block that left, or the next one
+            if j == len(slots):
+                slots.append(i)
+            slots[j] = i
+            kbuf[0, :, j * B : (j + 1) * B] = k  # straight from the store's tensors into the slot: one copy
+            vbuf[0, :, j * B : (j + 1) * B] = v
         g = len(slots) * B
         k, v = kbuf[:, :, :g], vbuf[:, :, :g]
         self._fetched[layer_idx] = (ids, k, v, slots, kbuf, vbuf)
         return k, v
 
-    def _to_zero(self, rope, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [n, rd] that rotate keys stored at positions `pos` [n] to position 0, looked up in a table of
-        every position up to the largest seen (per rope; it grows by doubling). Why a table: positions are places
-        in the cache, so a stored key's position is below the budget plus a prefill chunk however long the stream
-        (the defaults: 2,048 positions, 1 MiB on the embedded model), while the blocks a step
-        brings back are many (an LRU of 256 blocks' rotations missed 32% of them at 64k tokens). The table holds
-        what `rope.cos_sin` gives for each position, so a key is rotated exactly as a per-block call would."""
-        table = self._rotations.get(id(rope))
-        top = int(pos.max()) + 1
-        if table is None or table[0].shape[0] < top:
-            size = max(top, 2 * table[0].shape[0] if table is not None else 1024)
-            table = self._rotations[id(rope)] = rope.cos_sin(-torch.arange(size))
-        return table[0][pos], table[1][pos]
+    def _stored_at(self, pos: torch.Tensor) -> torch.Tensor | int:
+        """Where the store's keys of tokens at positions `pos` are rotated: 0, or `pos` in an older store."""
+        return 0 if self.keys_at_zero else pos
 
     def _store_evicted(self, layer_idx: int, evicted, scores: torch.Tensor, plan) -> None:
-        """Hand this step's evicted tokens (whole blocks) to the store, and index their representatives."""
+        """Hand this step's evicted tokens (whole blocks) to the store, every key rotated to position 0, and index
+        their representatives (at position 0 too). Why at 0: fixed placement attends retrieved keys there, so a
+        read back is a plain copy, and rotating a block once here replaces rotating it at every read."""
         keys, values = evicted[0][0], evicted[1][0]  # [H, e, D]
         h, e, d = keys.shape
         B = self.block
@@ -408,16 +400,16 @@ class MemoryCache(StreamingCache):
             block_id = (int(plan.evict_seq[j]) - self.sinks) // B
             k, v, pos = keys[:, j : j + B], values[:, j : j + B], plan.evict_pos[j : j + B]
             rope, n = self.rope_for_layer(layer_idx), k.shape[1]
+            at0 = rope.rotate(k.reshape(h * n, d), -pos.repeat(h)).view(h, n, d)  # [H, B, D] every key at position 0
             if self.rep_rule == "mean":  # the block cut in `reps` parts, each part's keys at position 0, averaged
-                at0 = rope.rotate(k.reshape(h * n, d), -pos.repeat(h)).view(h, n, d)
                 rep = torch.stack([part.mean(dim=1) for part in at0.tensor_split(self.reps, dim=1)], dim=1)  # [H, r, D]
             else:  # InfLLM: the keys that received the most attention while in the window
                 top = scores[:, j : j + B].topk(self.reps, dim=1).indices  # [H, r]
-                rep = torch.gather(k, 1, top[..., None].expand(h, self.reps, d))  # [H, r, D]
-                rep = rope.rotate(rep.reshape(h * self.reps, d), -pos[top.reshape(-1)]).view(h, self.reps, d)
+                rep = torch.gather(at0, 1, top[..., None].expand(h, self.reps, d))  # [H, r, D]
             rep = rep[None].half()  # [1, H, r, D]
             self._index_append(layer_idx, block_id, rep)
-            self.store.add_layer(block_id, self._part(layer_idx), len(self.stored_layers), k.clone(), v.clone(), pos)
+            self.store.add_layer(block_id, self._part(layer_idx), len(self.stored_layers),
+                                 at0 if self.keys_at_zero else k.clone(), v.clone(), pos)
 
     def _part(self, layer_idx: int) -> int:
         """Which part of a stored block is layer `layer_idx`'s (blocks hold the stored layers only)."""
@@ -491,7 +483,8 @@ class MemoryCache(StreamingCache):
                            # fixed placement: which block sits in which slot, so a restored cache attends in the same
                            # order and continues with bit-identical logits
                            "slots": {l: (list(f[0]), list(f[3])) for l, f in self._fetched.items() if len(f) > 3},
-                           "retrieved": dict(self.retrieved), "ahead": dict(self.ahead), "decode_run": self._decode_run}
+                           "retrieved": dict(self.retrieved), "ahead": dict(self.ahead), "decode_run": self._decode_run,
+                           "keys_at_zero": self.keys_at_zero}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -508,7 +501,7 @@ class MemoryCache(StreamingCache):
                 layer.received = torch.zeros((rec.shape[0], self.seq.numel()), dtype=torch.float32)
                 layer.received[:, : rec.shape[1]] = rec
         self._fetched.clear()
-        self._rotations.clear()
+        self.keys_at_zero = mem.get("keys_at_zero", False)  # a snapshot from before it: keys at their positions
         self.retrieved = dict(mem.get("retrieved", {}))
         self.ahead = dict(mem.get("ahead", {}))
         self._decode_run = mem.get("decode_run", 0)
