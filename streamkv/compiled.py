@@ -28,7 +28,12 @@ Two more cuts of that per-step cost (7 Dec 2026, a 2-core Intel Xeon with AMX, i
   function of ~1,000 calls. `memory` at 4k: the compiled region 27.6 -> 24.0 ms a step; `sink` at 2k, old
   and new alternated in their own processes, 3 rounds: 23.4 / 21.2 / 23.6 -> 19.6 / 20.8 / 21.9 ms. It costs
   compile time once: the embedded model's first compiled `sink` step 75 -> 131 s with a cold inductor cache
-  (13 s either way once the cache on disk holds it).
+  (13 s either way once the cache on disk holds it). Most of that is the wrapper's own C++ (one large function
+  of kernel calls) built at -O3, so it is built apart from the kernels, at -O1 (`cpp_wrapper_build_separate`;
+  pytorch issue 156037 warns the step may get slower). Measured (7 Dec 2026, AMD EPYC, 2 threads, int4 `sink`
+  at 2k, each child a fresh inductor cache, alternated, 4 rounds; docs/results/compile_build_separate_ab_epyc.json):
+  a whole cold child (load, compile, 2k prefill, 128 steps) 157 -> 92 s, median step 15.6 / 14.7 / 14.5 / 18.4
+  -> 13.8 / 16.9 / 14.0 / 16.5 ms: no slower step shows above the machine's noise.
 * **Guards on the model's modules dropped** (`_guard_filter`): of the ~8,400 guards of a `memory` step, ~7,000
   check the model's modules (their hooks, attributes, and every weight's shape, dtype and strides); the 480
   weight checks alone cost ~1.8 ms a step. Checked per step: `sink` 1.77 -> 0.39 ms (torch's
@@ -122,10 +127,12 @@ class _Decode:
         # a code object of its own: dynamo keeps its graphs per code object, so this model's graphs are never
         # tried on another model (their guards no longer check the model's modules: `_guard_filter`)
         fresh = types.FunctionType(_forward.__code__.replace(), _forward.__globals__, "_forward")
-        # C++ wrapper: the compiled step calls its kernels from C++, not from a Python function of ~1,000 calls;
+        # C++ wrapper: the compiled step calls its kernels from C++, not from a Python function of ~1,000 calls,
+        # and that wrapper is built apart from the kernels, at -O1 (a cold compile 40% shorter, module docstring);
         # size_asserts off: dynamo's guards check every input's shape and strides already (module docstring)
         return torch.compile(fresh, dynamic=False,
-                             options={"cpp_wrapper": True, "size_asserts": False, "guard_filter_fn": _guard_filter})
+                             options={"cpp_wrapper": True, "cpp_wrapper_build_separate": True, "size_asserts": False,
+                                      "guard_filter_fn": _guard_filter})
 
     def _check_weights(self, model) -> None:
         """Compile anew if any weight's storage moved since the first step (a dtype or device change, a `.data`
