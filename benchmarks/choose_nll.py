@@ -10,6 +10,9 @@ choice, not the arithmetic, is what differs.
 
     python benchmarks/choose_nll.py --text ../shared/data/frankenstein.txt --prefill 16384 --steps 1024 \\
         --out docs/results/choose_ahead_nll.json
+
+`--policy` takes another policy spec whose blocks are chosen the same way (e.g. `duo:retrieval=memory`, which
+has no `choose`: `--variants reselect=1,current`).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import json
 import math
 import time
 
-VARIANTS = {"reselect=1": {"reselect": 1}, "current": {"choose": "current"}, "ahead": {"choose": "ahead"}}
+VARIANTS = {"reselect=1": {"reselect": 1}, "current": {}, "ahead": {"choose": "ahead"}}  # current: the defaults
 
 
 def main() -> None:
@@ -26,6 +29,8 @@ def main() -> None:
     ap.add_argument("--text", required=True, help="a plain-text file (e.g. ../shared/data/frankenstein.txt)")
     ap.add_argument("--prefill", type=int, default=16384, help="tokens fed in 512-token chunks first")
     ap.add_argument("--steps", type=int, default=1024, help="tokens then fed one at a time (scored)")
+    ap.add_argument("--policy", default="memory", help="policy spec, e.g. duo:retrieval=memory,sparsity=0.3 (default memory)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="docs/results/choose_ahead_nll.json")
     args = ap.parse_args()
@@ -34,7 +39,13 @@ def main() -> None:
     from tqdm import tqdm
 
     from streamkv.models import load
+    from streamkv.policies import parse_policy_spec
     from streamkv.session import StreamSession
+
+    policy, base = parse_policy_spec(args.policy)
+    variants = {v: VARIANTS[v] for v in args.variants.split(",")}
+    if "reselect=1" not in variants:
+        raise SystemExit("--variants must include reselect=1 (the reference)")
 
     model, tok = load(None, threads=args.threads)
     ids = torch.tensor(tok(open(args.text, encoding="utf-8").read())["input_ids"][: args.prefill + args.steps + 1])
@@ -42,9 +53,9 @@ def main() -> None:
         raise SystemExit(f"{args.text} has {ids.numel()} tokens; --prefill + --steps + 1 must fit in it")
     runs = {}
     with torch.inference_mode():
-        for name, params in VARIANTS.items():
+        for name, params in variants.items():
             t0 = time.perf_counter()
-            s = StreamSession(model, tok, "memory", chunk_size=512, **params)
+            s = StreamSession(model, tok, policy, chunk_size=512, **{**base, **params})
             logits = s.feed(ids[: args.prefill])
             nll, greedy = [], []
             for i in tqdm(range(args.prefill, args.prefill + args.steps), desc=name, leave=False):

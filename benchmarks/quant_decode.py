@@ -5,7 +5,7 @@ interfere with later ones) and the settings are alternated for --rounds rounds, 
 round, so slow phases of a shared machine hit every setting. A child loads the embedded model with the
 setting, warms up (one 600-token feed and 4 steps in a throwaway session: kernel JIT, first touch),
 streams generated filler text through a `sink` cache (sinks=4, window=1020: 1,024 kept tokens), or with
-`--policy memory` (or h2o, sirllm) through that policy at its defaults, in 512-token chunks up to --position (prefill
+`--policy memory` (or h2o, sirllm, duo: retrieval=memory) through that policy at its defaults, in 512-token chunks up to --position (prefill
 tokens/s), then times --steps single-token decode steps there (teacher-forced: the same work as sampling
 without the sampler). `memory` re-chooses its blocks every 4th step (eagerly, reading blocks back from
 the store): its mean over the steps is what a user waits per token, and is reported beside the median. The JSON records lscpu (CPU model and
@@ -45,11 +45,14 @@ PEER_CTX, PEER_KEEP = 1024, 4  # its KV cache size and the tokens its context sh
 POLICIES = {"sink": {"policy": "sink", "sinks": 4, "window": 1020},  # 1,024 kept tokens
             "memory": {"policy": "memory"},  # its defaults: 4 + 768..831 + 16 x 64 retrieved (up to 1,859 attended)
             "h2o": {"policy": "h2o"},  # its defaults: 4 sinks + 512 recent + 508 heavy per KV head (1,024 kept)
-            "sirllm": {"policy": "sirllm"}}  # the same budget, the heavy set by surprisal
+            "sirllm": {"policy": "sirllm"},  # the same budget, the heavy set by surprisal
+            "duo": {"policy": "duo", "retrieval": "memory"}}  # bounded duo: 70% of the heads with a block store
 CACHES = {"sink": "sink, sinks=4, window=1020 (1,024 kept tokens)",  # what the JSON says of each
           "memory": "memory, its defaults (4 sinks + 768..831 recent + 16 blocks of 64 retrieved)",
           "h2o": "h2o, its defaults (4 sinks + 512 recent + 508 heavy per KV head: 1,024 kept)",
-          "sirllm": "sirllm, its defaults (4 sinks + 512 recent + 508 most surprising: 1,024 kept)"}
+          "sirllm": "sirllm, its defaults (4 sinks + 512 recent + 508 most surprising: 1,024 kept)",
+          "duo": "duo, retrieval=memory, its defaults (every head 64 sinks + 256..319 recent; the retrieval heads, "
+                 "70%, also 16 blocks of 64 retrieved)"}
 
 
 def child(args) -> dict:
@@ -69,7 +72,7 @@ def child(args) -> dict:
         # first calls JIT oneDNN kernels and touch fresh memory: not what we measure; with compile, the
         # steps after the cache is full (sink: 1,024 tokens; memory: 16 blocks stored) compile the decode
         # step, also not measured
-        n = {"sink": 1030, "memory": 1900, "h2o": 1100, "sirllm": 1100}[args.policy] if SETTINGS[setting].get("compile") else 600
+        n = {"sink": 1030, "memory": 1900, "h2o": 1100, "sirllm": 1100, "duo": 1700}[args.policy] if SETTINGS[setting].get("compile") else 600
         warm.feed(ids[:n])
         for i in range(n, n + 8):
             warm.feed(ids[i : i + 1])

@@ -1,4 +1,5 @@
-"""A compiled decode step: `torch.compile` of the one-token forward, for sink, window, memory, h2o and sirllm.
+"""A compiled decode step: `torch.compile` of the one-token forward, for sink, window, memory, h2o, sirllm and duo
+with block-store retrieval heads (every bounded policy).
 
 Why: at one token per step a 135M model runs ~800 small ops, and on a 2-core CPU their per-op cost (Python,
 dispatch, allocation) is a large share of a step next to the weight reads (issue 10's profile: ~28 of 95 ms).
@@ -9,8 +10,9 @@ makes the step's plan before the forward, in eager Python, and hands the layers 
 only (the slot the new token goes to, the pinned slots and their rotation). In steady state (cache full)
 every layer then writes one slot and attends over its whole buffer, so the shapes are the same at every
 position and the step is traced once per model and cache shape, then replayed. Steps that are not steady
-(the cache still filling, a position restart, prefill chunks) and duo (two layouts of heads in one layer)
-run eagerly: the same cache code, so both paths keep one state.
+(the cache still filling, a position restart, prefill chunks) and duo with dense retrieval heads (their
+evicted buffer grows with the stream: no fixed shape) run eagerly: the same cache code, so both paths keep
+one state.
 
 Attention in a compiled step is `attention.attend_one_traced` for every policy (sink and window through
 `StreamingCache._static_extras`, memory through its own `_attend_static`): the one query's scores and
@@ -60,6 +62,11 @@ refills after each block leaves), plus the K*B retrieved tokens, through the pol
 That function reaches the traced attention as a keyword argument of the forward (`streamkv_static`), which
 transformers hands on to every layer's attention function; steps that choose blocks, read them from the
 store, evict or store a block run eagerly.
+
+`duo` with `retrieval=memory` is memory's layout per run of heads: its steps between two choices are steady
+in the same way, and its `_attend_static` attends each run of neighbouring heads of one kind as the eager
+step does (streaming runs the slot buffer; retrieval runs its window slots, their blocks and their sinks
+rotated from the pristine copies), adding the attention each slot received (its blocks' representatives).
 
 With `choose=ahead` (memory's parameter) a step that chooses does it after its attention, for the next
 steps: those steps are steady too, each layer's query is copied into a buffer by the traced attention, and

@@ -113,6 +113,59 @@ def test_memory_compiled_decode_equals_eager(arch, params):
     assert session.policy.max_position < 500  # through position restarts
 
 
+@pytest.mark.parametrize("arch,pattern,params", [
+    # 2 KV heads: a layer of both kinds, one of streaming heads only (it keeps no blocks), one of retrieval heads
+    ("llama", [[True, False], [False, False], [True, True]], {}),
+    # 4 KV heads in alternating runs (several runs of each kind in a layer), a quarter of each head rotating
+    ("gpt_neox", [[False, True, False, True], [True, False, True, True]], {}),
+    ("cohere", [[False, True], [True, False]], {"sinks": 0}),  # interleaved rotary pairs; no sinks
+])
+def test_duo_memory_compiled_decode_equals_eager(arch, pattern, params):
+    """duo with retrieval=memory (bounded): its steps between two choices of blocks run compiled, each layer's
+    runs of heads as the eager step attends them, and equal the eager steps; afterwards both caches hold the
+    same tokens, blocks and the same attention received by every window token (the retrieval heads' blocks
+    are indexed by it)."""
+    mask = torch.tensor(pattern)
+    model = make_tiny(arch, layers=mask.shape[0])
+    ids = _stream(400, seed=5)
+    feeds = [(0, 40)] + [(i, i + 1) for i in range(40, 200)] + [(200, 229)] + [(i, i + 1) for i in range(229, 400)]
+    kw = {**dict(sinks=3, window=20, block=6, topk=3, ram_mb=0, chunk_size=32, pattern=mask, retrieval="memory"), **params}
+
+    def run(compile_it):
+        if compile_it:
+            compiled.enable(model)
+        try:
+            s = StreamSession(model, None, "duo", **kw)
+            out, blocks = [], []
+            for a, b in feeds:
+                out.append(s.feed(ids[a:b]).clone())
+                blocks.append(dict(s.policy.retrieved))
+            steps = compiled.decode_step(model).steps if compile_it else 0
+        finally:
+            compiled.disable(model)
+        return s.policy, out, blocks, steps
+
+    eager, ref, ref_blocks, _ = run(False)
+    policy, out, blocks, steps = run(True)
+    # 331 one-token steps: every 4th chooses, one in 6 evicts a block, the store needs 3 blocks first
+    assert 150 < steps < 260, steps
+    for i, (a, b) in enumerate(zip(ref, out)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=f"step {i}")
+    assert blocks == ref_blocks
+    assert policy.hits == eager.hits
+    assert torch.equal(policy.seq, eager.seq) and torch.equal(policy.pos, eager.pos)
+    assert policy.max_position < 400  # through position restarts
+    window = policy.seq[: policy.n_used] >= policy.sinks  # (a sink's received attention is never read)
+    for i in policy.attention_layers:
+        a, b = policy.layers[i], eager.layers[i]
+        torch.testing.assert_close(a.received[:, : policy.n_used][:, window], b.received[:, : eager.n_used][:, window],
+                                   atol=1e-4, rtol=1e-4, msg=f"layer {i}")
+    assert policy.store.n_blocks == eager.store.n_blocks > 10
+    for i in policy._choosing_layers():  # the same representatives (the keys received most; float16, one ulp)
+        n = policy.store.n_blocks
+        torch.testing.assert_close(policy.index[i][:, :n], eager.index[i][:, :n], atol=2e-3, rtol=0, msg=f"layer {i}")
+
+
 def _memory_run(model, ids, kw, compile_it: bool) -> list[torch.Tensor]:
     if compile_it:
         compiled.enable(model)
@@ -252,7 +305,8 @@ def test_scored_compiled_decode_equals_eager(arch, policy, params):
     # memory choosing blocks at every step, and InfLLM's attention rule (observes attention at every step)
     ("memory", {"sinks": 2, "window": 16, "block": 4, "topk": 2, "ram_mb": 0, "reselect": 1}),
     ("memory", {"sinks": 2, "window": 16, "block": 4, "topk": 2, "ram_mb": 0, "rep_rule": "attention"}),
-    ("duo", {"sinks": 2, "window": 8}),  # two layouts of heads in one layer (a pattern: half the heads streaming)
+    # dense retrieval heads (a pattern: half the heads streaming): their evicted buffer grows, no fixed shape
+    ("duo", {"sinks": 2, "window": 8}),
 ])
 def test_policies_that_choose_in_python_stay_eager(policy, params):
     model = make_tiny("llama", layers=1)

@@ -181,9 +181,34 @@ def test_memory_retrieval_stores_retrieval_heads_only(tmp_path):
     assert torch.equal(stream(model, cache, ids, [3]), stream(model, b, ids, [3]))
 
 
+@pytest.mark.parametrize("reselect", [1, 4])
+def test_memory_retrieval_decode_steps_choose_every_reselect_steps(reselect):
+    """As `memory`: a decode step chooses its blocks only every `reselect` steps (the others attend the last
+    choice); a prefill chunk always chooses. With reselect=1 the choice changes between those steps too."""
+    model = make_tiny("llama", layers=1)
+    mask = torch.tensor([[True, False]])
+    cache = make_policy("duo", model, sinks=2, window=8, pattern=mask, retrieval="memory", block=4, topk=2, ram_mb=0,
+                        reselect=reselect)
+    stream(model, cache, random_ids(48), [40, 8])  # (the first chunk met an empty store: the second chose)
+    ids = random_ids(120, seed=3)
+    last, changed_between = cache.retrieved[0], 0
+    assert len(last) == 2
+    for t in range(120):
+        stream(model, cache, ids[:, t : t + 1], [1])
+        now = cache.retrieved[0]
+        if cache._decode_run % 4 and now != last:
+            changed_between += 1
+        last = now
+    assert (changed_between > 0) == (reselect == 1), changed_between
+
+
 def test_retrieval_parameters_are_checked():
     model = make_tiny("llama", layers=2)
     with pytest.raises(ValueError, match="retrieval=memory"):
         make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), topk=4)
+    with pytest.raises(ValueError, match="reselect apply to duo with retrieval=memory only"):
+        make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), reselect=2)
+    with pytest.raises(ValueError, match="reselect must be a positive integer"):
+        make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), retrieval="memory", reselect=0)
     with pytest.raises(ValueError, match="retrieval must be"):
         make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), retrieval="disk")

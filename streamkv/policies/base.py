@@ -705,7 +705,8 @@ class StreamingCache(Cache):
     def static_decode_capable(self) -> bool:
         """Whether this policy's decode steps can take the fixed-shape path: the slot table alone (sink,
         window), or a policy that says which of its steps are steady and attends them itself
-        (`_static_steady`, `_static_extras`: memory, h2o, sirllm). duo stays eager; so do hybrids (their
+        (`_static_steady`, `_static_extras`: memory, h2o, sirllm, duo with retrieval=memory). duo with dense
+        retrieval heads stays eager (their buffer grows); so do hybrids (their
         recurrent layers) and models with local layers."""
         return self._static_layout() and not self._custom
 

@@ -28,6 +28,9 @@ Two kinds of retrieval heads (`retrieval=`):
   relevant to the current queries, between their sinks and the window; only the retrieval heads' keys and
   values go to the store. Memory stays bounded however long the stream, and every distance stays inside
   the trained context. The window then evicts in whole blocks (W..W+B-1 recent tokens, as `memory`).
+  Decode steps choose their blocks every `reselect` steps, as `memory`'s do (its default, 4; until 7 Dec
+  2026 duo chose at every step): the steps between two choices then change nothing but the new token's
+  slot, so with `--compile` they run the compiled graph (`DuoMemoryCache._attend_static`).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import attend_parts, local_parts, received_attention
+from ..attention import attend_one_traced, attend_parts, local_parts, received_attention
 from .base import StreamingCache
 from .memory import MemoryCache
 from .scored import positive_int
@@ -158,10 +161,11 @@ class DuoCache(_HeadRuns, StreamingCache):
 
     def __init__(self, model, sinks: int = 64, window: int = 256, pattern: str = "embedded", sparsity: float = DEFAULT_SPARSITY,
                  retrieval: str = "dense", block: int | None = None, topk: int | None = None,
-                 ram_mb: int | None = None, store_dir: str | None = None):
-        """retrieval="memory" takes `block`, `topk`, `ram_mb`, `store_dir` (as the `memory` policy; its
-        defaults when not given); with "dense" they do not apply."""
-        given = [n for n, v in (("block", block), ("topk", topk), ("ram_mb", ram_mb), ("store_dir", store_dir)) if v is not None]
+                 ram_mb: int | None = None, store_dir: str | None = None, reselect: int | None = None):
+        """retrieval="memory" takes `block`, `topk`, `ram_mb`, `store_dir`, `reselect` (as the `memory` policy;
+        its defaults when not given); with "dense" they do not apply."""
+        given = [n for n, v in (("block", block), ("topk", topk), ("ram_mb", ram_mb), ("store_dir", store_dir),
+                                ("reselect", reselect)) if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)} apply to duo with retrieval=memory only")
         self.window, self.sparsity = window, _check_duo(sinks, window, sparsity)
@@ -261,11 +265,13 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
     retrieval = "memory"
 
     def __init__(self, model, sinks: int = 64, window: int = 256, pattern: str = "embedded", sparsity: float = DEFAULT_SPARSITY,
-                 block: int | None = None, topk: int | None = None, ram_mb: int | None = None, store_dir: str | None = None):
+                 block: int | None = None, topk: int | None = None, ram_mb: int | None = None, store_dir: str | None = None,
+                 reselect: int | None = None):
         self.sparsity = _check_duo(sinks, window, sparsity)
         self.pattern = pattern if isinstance(pattern, str) else "tensor"
         self.heads = retrieval_mask(model, pattern, self.sparsity)  # [L, Hkv]
-        mem = {k: v for k, v in (("block", block), ("topk", topk), ("ram_mb", ram_mb), ("store_dir", store_dir)) if v is not None}
+        mem = {k: v for k, v in (("block", block), ("topk", topk), ("ram_mb", ram_mb), ("store_dir", store_dir),
+                                 ("reselect", reselect)) if v is not None}
         # its retrieval heads' blocks are indexed by the keys they attended most (it observes attention anyway)
         super().__init__(model, sinks=sinks, window=window, rep_rule="attention", **mem)
         self.runs = [_runs(m) for m in self.heads]
@@ -285,8 +291,12 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
         g = query.shape[1] // keys.shape[1]
         span, ids = self._span(), []
         if span and bool(mask.any()):
-            qh = (mask.nonzero()[:, 0, None] * g + torch.arange(g)).reshape(-1)  # query heads of the retrieval heads
-            ids = self._select(layer_idx, query[:, qh], span, plan.window_start)
+            prev = self.retrieved.get(layer_idx)
+            if q == 1 and self._decode_run % self.reselect and prev and len(prev) == self._n_retrieved():
+                ids = prev  # a decode step between two choices (memory's `reselect`): the last choice stands
+            else:
+                qh = (mask.nonzero()[:, 0, None] * g + torch.arange(g)).reshape(-1)  # query heads of the retrieval heads
+                ids = self._select(layer_idx, query[:, qh], span, plan.window_start)
             mem_k, mem_v = self._fetch(layer_idx, ids)  # [1, H_r, G, D]
         self.retrieved[layer_idx] = ids
 
@@ -304,6 +314,62 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
             self._store_evicted(layer_idx, (ek[:, mask], ev[:, mask]), scores[mask], plan)
             layer.evicted = None
         return out
+
+    # ---- the compiled decode step (streamkv/compiled.py) ------------------------------------------------
+    # As memory's: a step between two choices of blocks changes nothing but the new token's slot, so it takes
+    # the fixed-shape path (`MemoryCache._static_steady`). Its attention (`_attend_static`) is `attend`'s with
+    # tensor ops only: each run of heads as `_attend_runs` attends it, over the whole slot buffer (unused slots
+    # masked), and the attention the keys received added to the layer's scores (the retrieval heads' blocks
+    # are indexed by it). Steps that choose, evict or store stay eager.
+    @property
+    def static_decode_capable(self) -> bool:  # (memory's excludes observing policies; this one observes in the trace)
+        return self._static_layout()
+
+    def _choosing_layers(self) -> list[int]:
+        return [i for i in self.stored_layers if bool(self.heads[i].any())]
+
+    def _mem_gap(self, plan) -> int:
+        return self._span()
+
+    def _static_extras(self, plan, step) -> None:
+        super()._static_extras(plan, step)  # the mask of unused slots, each layer's blocks and its query's rotation
+        span, n_s = self._span(), self.sinks  # steady: every sink is kept, the blocks sit `span` places before the window
+        # the retrieval heads' sinks, from their pristine copies to right before the blocks (as `_attend_runs`)
+        delta = torch.arange(plan.window_start - span - n_s, plan.window_start - span) - self.pin_pos[:n_s]  # [S]
+        for i in self._choosing_layers():
+            step.parts[i] = (*step.parts[i], *plan.cos_sin_of(self.rope_for_layer(i), "duo sinks", delta))
+        step.attend = self._attend_static
+
+    def _attend_static(self, module, query, keys, values, scaling):
+        """A static step's attention (traced): `attend` reusing the last choice, over the whole slot buffer
+        [1, H, capacity, D] (unused slots masked by `step.bias`). Streaming runs attend the buffer; retrieval
+        runs its window slots, their blocks (the query rotated for them) and their sinks rotated from the
+        pristine copies. Adds each slot's received attention to the layer's scores, the new slot's from 0."""
+        i, step = module.layer_idx, self._static
+        layer, rope, n_s = self.layers[i], self.rope_for_layer(i), self.sinks
+        g = query.shape[1] // keys.shape[1]
+        outs, received, r = [], [], 0  # r: the run's first head among the layer's retrieval heads
+        for a, b, retrieval in self.runs[i]:
+            qr = query[:, a * g : b * g]  # [1, (b-a)*g, 1, D]
+            k, v = keys[:, a:b], values[:, a:b]  # [1, b-a, capacity, D]
+            if not retrieval:
+                out, (rec,) = attend_one_traced(qr, [(qr, k, v, False)], scaling, step.bias, received=True)
+            else:
+                mem_k, mem_v, cos, sin, sink_cos, sink_sin = step.parts[i]
+                parts = [(qr, k[:, :, n_s:], v[:, :, n_s:], False),
+                         (rope.apply(qr, cos, sin), mem_k[:, r : r + b - a], mem_v[:, r : r + b - a], False)]
+                if n_s:
+                    parts.append((qr, rope.apply(layer.pin_keys[:, a:b, :n_s], sink_cos, sink_sin), v[:, :, :n_s], False))
+                out, recs = attend_one_traced(qr, parts, scaling, step.bias[n_s:], received=True)
+                # [b-a, capacity]: the sink slots get what the sinks received where these heads see them (eager
+                # sums it over the buffer's copies, placed for the streaming heads; a sink's score is never read)
+                rec = torch.cat([recs[2], recs[0]], dim=1) if n_s else recs[0]
+                r += b - a
+            outs.append(out)  # [1, 1, (b-a)*g, Dv]
+            received.append(rec)
+        step.calls += 1
+        layer.received.index_fill_(1, step.slot, 0.0).add_(torch.cat(received) if len(received) > 1 else received[0])
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [1, 1, Hq, Dv]
 
     def describe(self) -> dict:
         return {**MemoryCache.describe(self), **self._duo_describe()}

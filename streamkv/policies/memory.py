@@ -183,13 +183,21 @@ class MemoryCache(StreamingCache):
         if not self._one_slot_step(plan) or plan.evict_src is not None:  # (its buffer need not be full: masked)
             return False
         k = self._n_retrieved()
-        if not plan.gap or k < self.topk or (self.choose == "current" and self._decode_run % self.reselect == 0):
+        if not self._mem_gap(plan) or k < self.topk or (self.choose == "current" and self._decode_run % self.reselect == 0):
             return False  # the store is still small, or this step chooses its blocks before attending
-        for i in self.stored_layers:  # every layer holds the K blocks it attends now, read in full
+        for i in self._choosing_layers():  # every layer holds the K blocks it attends now, read in full
             prev, f = self._standing(i), self._fetched.get(i)
             if not prev or f is None or f[0] != prev or f[1].shape[2] != k * self.block:
                 return False
         return True
+
+    def _choosing_layers(self) -> list[int]:
+        """The layers that choose and attend blocks (duo: those with retrieval heads)."""
+        return self.stored_layers
+
+    def _mem_gap(self, plan) -> int:
+        """Positions the retrieved blocks occupy right before the window this step (duo places them itself)."""
+        return plan.gap
 
     def _standing(self, layer_idx: int):
         """The blocks a decode step attends when it does not choose before attending."""
@@ -202,14 +210,14 @@ class MemoryCache(StreamingCache):
                                                               float("-inf"))  # [capacity]
         step.parts = [None] * self.n_layers
         step.queries = self._query_buffers  # choose=ahead: each layer's query, kept for `finish_static`
-        for i in self.stored_layers:  # (cos, sin) of the query's rotation, once per distinct rope
+        for i in self._choosing_layers():  # (cos, sin) of the query's rotation, once per distinct rope
             f, rope = self._fetched[i], self.rope_for_layer(i)
             step.parts[i] = (f[1], f[2], *self._query_rotation(plan, rope))
             if step.queries[i] is None:  # allocated once per layer, reused by every static step
                 step.queries[i] = f[1].new_empty((1, self.model_config.num_attention_heads, 1, f[1].shape[-1]))
             self.retrieved[i] = f[0]
         step.attend = self._attend_static
-        self.hits["reused"] += len(self.stored_layers)
+        self.hits["reused"] += len(self._choosing_layers())
 
     def finish_static(self) -> None:
         """After a static step (choose=ahead): a step that chooses does it now, with each layer's query."""
@@ -267,7 +275,7 @@ class MemoryCache(StreamingCache):
         """(cos, sin) of the query's rotation for the retrieved part, once per step and rope (the layers share
         it). Contiguous: retrieved token j at window_start - G + j, its key at j; fixed: every retrieved token
         at window_start - 1, its key at 0."""
-        return plan.cos_sin_of(rope, "mem", (plan.gap if self.placement == "contiguous" else 1) - plan.window_start)
+        return plan.cos_sin_of(rope, "mem", (self._mem_gap(plan) if self.placement == "contiguous" else 1) - plan.window_start)
 
     def _choose_ahead(self, layer_idx: int, query: torch.Tensor, plan) -> None:
         """choose=ahead: after this step's attention, choose (and read) the blocks the next steps attend."""
