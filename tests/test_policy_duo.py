@@ -129,21 +129,23 @@ def test_memory_retrieval_every_block_equals_dense():
     assert cache.store.stats()["reads_disk"] > 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("arch,choose", [("llama", "current"), ("gpt_neox", "current"), ("llama", "ahead")])
 @pytest.mark.parametrize("chunks", [[1], [5, 1, 1, 9, 1, 2]], ids=["token-by-token", "chunked"])
-def test_memory_retrieval_one_layer_each_head_equals_fresh_forward(arch, chunks):
+def test_memory_retrieval_one_layer_each_head_equals_fresh_forward(arch, choose, chunks):
     """One layer, both kinds: a streaming head sees sinks + window + new; a retrieval head sees sinks + the
-    blocks it retrieved (few of many) + window + new, contiguous (the cache says which blocks)."""
+    blocks it retrieved (few of many) + window + new, contiguous (the cache says which blocks). With
+    choose=ahead a choosing decode step attends the blocks the step before chose."""
     sinks, window, block, topk = 2, 6, 3, 2
     model = make_tiny(arch, layers=1)
     hkv = kv_heads(model)
     width = model.config.hidden_size // model.config.num_attention_heads * (model.config.num_attention_heads // hkv)
     mask = torch.tensor([[h % 2 == 1 for h in range(hkv)]])
-    cache = make_policy("duo", model, sinks=sinks, window=window, pattern=mask, retrieval="memory", block=block, topk=topk, ram_mb=0)
+    cache = make_policy("duo", model, sinks=sinks, window=window, pattern=mask, retrieval="memory", block=block, topk=topk, ram_mb=0,
+                        choose=choose)
     cache.placement = "contiguous"
     cache.max_position = 40
     ids = random_ids(160, seed=2)
-    start, i, choices = 0, 0, set()
+    start, i, choices, chosen = 0, 0, set(), None
     while start < ids.shape[1]:
         q = min(chunks[i % len(chunks)], ids.shape[1] - start)
         kept = sorted(int(s) for s in cache.seq[: cache.n_used] if s >= 0)
@@ -160,6 +162,9 @@ def test_memory_retrieval_one_layer_each_head_equals_fresh_forward(arch, chunks)
             ref = retrieval if mask[0, h] else streaming
             assert (got[:, cols] - ref[:, cols]).abs().max().item() < 1e-4, f"head {h}, step at token {start}"
         choices.add(tuple(blocks))
+        if choose == "ahead" and q == 1 and chosen is not None and len(chosen) == len(blocks):
+            assert blocks == chosen  # a decode step attends what the step before chose for it
+        chosen = cache.ahead.get(0)
         start, i = start + q, i + 1
     assert len(choices) > 5
 
@@ -206,8 +211,10 @@ def test_retrieval_parameters_are_checked():
     model = make_tiny("llama", layers=2)
     with pytest.raises(ValueError, match="retrieval=memory"):
         make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), topk=4)
-    with pytest.raises(ValueError, match="reselect apply to duo with retrieval=memory only"):
-        make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), reselect=2)
+    with pytest.raises(ValueError, match="reselect, choose apply to duo with retrieval=memory only"):
+        make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), reselect=2, choose="ahead")
+    with pytest.raises(ValueError, match="choose must be one of current, ahead"):
+        make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), retrieval="memory", choose="later")
     with pytest.raises(ValueError, match="reselect must be a positive integer"):
         make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), retrieval="memory", reselect=0)
     with pytest.raises(ValueError, match="retrieval must be"):

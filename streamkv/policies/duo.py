@@ -30,10 +30,13 @@ Two kinds of retrieval heads (`retrieval=`):
   the trained context. The window then evicts in whole blocks (W..W+B-1 recent tokens, as `memory`).
   Decode steps choose their blocks every `reselect` steps, as `memory`'s do (its default, 4; until 7 Dec
   2026 duo chose at every step): the steps between two choices then change nothing but the new token's
-  slot, so with `--compile` they run the compiled graph (`DuoMemoryCache._attend_static`).
+  slot, so with `--compile` they run the compiled graph (`DuoMemoryCache._attend_static`). `choose=ahead`
+  (memory's too) makes a choosing step attend the standing choice and choose after its attention, for the
+  next steps, so that every decode step runs compiled.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -161,11 +164,12 @@ class DuoCache(_HeadRuns, StreamingCache):
 
     def __init__(self, model, sinks: int = 64, window: int = 256, pattern: str = "embedded", sparsity: float = DEFAULT_SPARSITY,
                  retrieval: str = "dense", block: int | None = None, topk: int | None = None,
-                 ram_mb: int | None = None, store_dir: str | None = None, reselect: int | None = None):
-        """retrieval="memory" takes `block`, `topk`, `ram_mb`, `store_dir`, `reselect` (as the `memory` policy;
-        its defaults when not given); with "dense" they do not apply."""
+                 ram_mb: int | None = None, store_dir: str | None = None, reselect: int | None = None,
+                 choose: str | None = None):
+        """retrieval="memory" takes `block`, `topk`, `ram_mb`, `store_dir`, `reselect`, `choose` (as the `memory`
+        policy; its defaults when not given); with "dense" they do not apply."""
         given = [n for n, v in (("block", block), ("topk", topk), ("ram_mb", ram_mb), ("store_dir", store_dir),
-                                ("reselect", reselect)) if v is not None]
+                                ("reselect", reselect), ("choose", choose)) if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)} apply to duo with retrieval=memory only")
         self.window, self.sparsity = window, _check_duo(sinks, window, sparsity)
@@ -266,12 +270,12 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
 
     def __init__(self, model, sinks: int = 64, window: int = 256, pattern: str = "embedded", sparsity: float = DEFAULT_SPARSITY,
                  block: int | None = None, topk: int | None = None, ram_mb: int | None = None, store_dir: str | None = None,
-                 reselect: int | None = None):
+                 reselect: int | None = None, choose: str | None = None):
         self.sparsity = _check_duo(sinks, window, sparsity)
         self.pattern = pattern if isinstance(pattern, str) else "tensor"
         self.heads = retrieval_mask(model, pattern, self.sparsity)  # [L, Hkv]
         mem = {k: v for k, v in (("block", block), ("topk", topk), ("ram_mb", ram_mb), ("store_dir", store_dir),
-                                 ("reselect", reselect)) if v is not None}
+                                 ("reselect", reselect), ("choose", choose)) if v is not None}
         # its retrieval heads' blocks are indexed by the keys they attended most (it observes attention anyway)
         super().__init__(model, sinks=sinks, window=window, rep_rule="attention", **mem)
         self.runs = [_runs(m) for m in self.heads]
@@ -288,17 +292,18 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
         plan, layer = self._plan, self.layers[layer_idx]
         mask = self.heads[layer_idx]
         q = query.shape[2]
-        g = query.shape[1] // keys.shape[1]
         span, ids = self._span(), []
+        chooses_ahead = False  # choose=ahead: this step chooses after its attention, for the steps that follow
         if span and bool(mask.any()):
-            prev = self.retrieved.get(layer_idx)
-            if q == 1 and self._decode_run % self.reselect and prev and len(prev) == self._n_retrieved():
-                ids = prev  # a decode step between two choices (memory's `reselect`): the last choice stands
+            prev = self._standing(layer_idx)
+            chooses_ahead = q == 1 and self.choose == "ahead" and self._decode_run % self.reselect == 0
+            if (q == 1 and (self._decode_run % self.reselect or self.choose == "ahead") and prev
+                    and len(prev) == self._n_retrieved()):
+                ids = prev  # a decode step between two choices (memory's `reselect`), or choosing ahead: the last choice stands
             else:
-                qh = (mask.nonzero()[:, 0, None] * g + torch.arange(g)).reshape(-1)  # query heads of the retrieval heads
-                ids = self._select(layer_idx, query[:, qh], span, plan.window_start)
+                ids = self._select(layer_idx, self._retrieval_query(layer_idx, query), span, plan.window_start)
             mem_k, mem_v = self._fetch(layer_idx, ids)  # [1, H_r, G, D]
-        self.retrieved[layer_idx] = ids
+        self.retrieved[layer_idx] = self.ahead[layer_idx] = ids
 
         def far(r0, r1, qr):
             if not ids:
@@ -308,6 +313,8 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
 
         out, lse = self._attend_runs(layer_idx, query, keys, values, scaling, span if ids else 0, far)
         layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse)
+        if chooses_ahead:
+            self._choose_ahead(layer_idx, query, plan)
         scores = layer.finish_step(plan)
         if layer.evicted is not None:  # only the retrieval heads' part of each block is kept
             ek, ev = layer.evicted
@@ -367,9 +374,25 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
                 r += b - a
             outs.append(out)  # [1, 1, (b-a)*g, Dv]
             received.append(rec)
+        if step.queries[i] is not None:  # (a layer with retrieval heads) choose=ahead: `finish_static` chooses with it
+            step.queries[i].copy_(query)
         step.calls += 1
         layer.received.index_fill_(1, step.slot, 0.0).add_(torch.cat(received) if len(received) > 1 else received[0])
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [1, 1, Hq, Dv]
+
+    def _retrieval_query(self, layer_idx: int, query: torch.Tensor) -> torch.Tensor:
+        """The query heads of the layer's retrieval heads [1, H_r*g, q, D] (its index holds those heads only)."""
+        mask = self.heads[layer_idx]
+        g = query.shape[1] // mask.numel()
+        return query[:, (mask.nonzero()[:, 0, None] * g + torch.arange(g)).reshape(-1)]
+
+    def _choose_ahead(self, layer_idx: int, query: torch.Tensor, plan) -> None:
+        """choose=ahead (memory's): after the attention, choose and read the blocks the next steps attend, with
+        the retrieval heads' queries; the blocks sit `_span()` places before the window."""
+        t0 = time.perf_counter()
+        self.ahead[layer_idx] = self._select(layer_idx, self._retrieval_query(layer_idx, query), self._span(), plan.window_start)
+        self._fetch(layer_idx, self.ahead[layer_idx])
+        self.retrieval_seconds += time.perf_counter() - t0
 
     def describe(self) -> dict:
         return {**MemoryCache.describe(self), **self._duo_describe()}

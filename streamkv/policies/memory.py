@@ -223,7 +223,7 @@ class MemoryCache(StreamingCache):
         """After a static step (choose=ahead): a step that chooses does it now, with each layer's query."""
         if self.choose == "ahead" and self._decode_run % self.reselect == 0:
             plan, step = self._plan, self._static
-            for i in self.stored_layers:
+            for i in self._choosing_layers():
                 self._choose_ahead(i, step.queries[i], plan)
 
     def _attend_static(self, module, query, keys, values, scaling):
