@@ -308,8 +308,8 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
         def far(r0, r1, qr):
             if not ids:
                 return []
-            shift = span - plan.window_start if self.placement == "contiguous" else 1 - plan.window_start
-            return [(self.rope_for_layer(layer_idx).rotate(qr, shift), mem_k[:, r0:r1], mem_v[:, r0:r1], False)]
+            rope = self.rope_for_layer(layer_idx)  # the query rotated for the blocks, `span` places before the window
+            return [(rope.apply(qr, *self._query_rotation(plan, rope)), mem_k[:, r0:r1], mem_v[:, r0:r1], False)]
 
         out, lse = self._attend_runs(layer_idx, query, keys, values, scaling, span if ids else 0, far)
         layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse)
