@@ -213,6 +213,8 @@ def test_retrieval_parameters_are_checked():
         make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), topk=4)
     with pytest.raises(ValueError, match="reselect, choose apply to duo with retrieval=memory only"):
         make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), reselect=2, choose="ahead")
+    with pytest.raises(ValueError, match="rep_rule apply to duo with retrieval=memory only"):
+        make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), rep_rule="mean")
     with pytest.raises(ValueError, match="choose must be one of current, ahead"):
         make_policy("duo", model, pattern=torch.ones(2, 2, dtype=torch.bool), retrieval="memory", choose="later")
     with pytest.raises(ValueError, match="reselect must be a positive integer"):

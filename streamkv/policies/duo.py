@@ -165,11 +165,12 @@ class DuoCache(_HeadRuns, StreamingCache):
     def __init__(self, model, sinks: int = 64, window: int = 256, pattern: str = "embedded", sparsity: float = DEFAULT_SPARSITY,
                  retrieval: str = "dense", block: int | None = None, topk: int | None = None,
                  ram_mb: int | None = None, store_dir: str | None = None, reselect: int | None = None,
-                 choose: str | None = None):
-        """retrieval="memory" takes `block`, `topk`, `ram_mb`, `store_dir`, `reselect`, `choose` (as the `memory`
-        policy; its defaults when not given); with "dense" they do not apply."""
+                 choose: str | None = None, rep_rule: str | None = None):
+        """retrieval="memory" takes `block`, `topk`, `ram_mb`, `store_dir`, `reselect`, `choose`, `rep_rule` (as
+        the `memory` policy; its defaults when not given, but `rep_rule`: "attention"); with "dense" they do not
+        apply."""
         given = [n for n, v in (("block", block), ("topk", topk), ("ram_mb", ram_mb), ("store_dir", store_dir),
-                                ("reselect", reselect), ("choose", choose)) if v is not None]
+                                ("reselect", reselect), ("choose", choose), ("rep_rule", rep_rule)) if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)} apply to duo with retrieval=memory only")
         self.window, self.sparsity = window, _check_duo(sinks, window, sparsity)
@@ -270,14 +271,15 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
 
     def __init__(self, model, sinks: int = 64, window: int = 256, pattern: str = "embedded", sparsity: float = DEFAULT_SPARSITY,
                  block: int | None = None, topk: int | None = None, ram_mb: int | None = None, store_dir: str | None = None,
-                 reselect: int | None = None, choose: str | None = None):
+                 reselect: int | None = None, choose: str | None = None, rep_rule: str | None = None):
         self.sparsity = _check_duo(sinks, window, sparsity)
         self.pattern = pattern if isinstance(pattern, str) else "tensor"
         self.heads = retrieval_mask(model, pattern, self.sparsity)  # [L, Hkv]
         mem = {k: v for k, v in (("block", block), ("topk", topk), ("ram_mb", ram_mb), ("store_dir", store_dir),
                                  ("reselect", reselect), ("choose", choose)) if v is not None}
-        # its retrieval heads' blocks are indexed by the keys they attended most (it observes attention anyway)
-        super().__init__(model, sinks=sinks, window=window, rep_rule="attention", **mem)
+        # by default its retrieval heads' blocks are indexed by the keys they attended most (InfLLM's rule, as
+        # measured in docs/RESULTS.md section 7); rep_rule=mean: by the mean of each part of a block, unobserved
+        super().__init__(model, sinks=sinks, window=window, rep_rule=rep_rule or "attention", **mem)
         self.runs = [_runs(m) for m in self.heads]
         self.stored_fraction = float(self.heads.float().mean())
 
@@ -312,13 +314,14 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
             return [(rope.apply(qr, *self._query_rotation(plan, rope)), mem_k[:, r0:r1], mem_v[:, r0:r1], False)]
 
         out, lse = self._attend_runs(layer_idx, query, keys, values, scaling, span if ids else 0, far)
-        layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse)
+        if self.observe:
+            layer.received_view += received_attention(query, keys, q if q > 1 else 0, scaling, lse)
         if chooses_ahead:
             self._choose_ahead(layer_idx, query, plan)
         scores = layer.finish_step(plan)
         if layer.evicted is not None:  # only the retrieval heads' part of each block is kept
             ek, ev = layer.evicted
-            self._store_evicted(layer_idx, (ek[:, mask], ev[:, mask]), scores[mask], plan)
+            self._store_evicted(layer_idx, (ek[:, mask], ev[:, mask]), scores[mask] if scores is not None else None, plan)
             layer.evicted = None
         return out
 
@@ -361,6 +364,7 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
             k, v = keys[:, a:b], values[:, a:b]  # [1, b-a, capacity, D]
             if not retrieval:
                 out, (rec,) = attend_one_traced(qr, [(qr, k, v, False)], scaling, step.bias, received=True)
+                # (with rep_rule=mean nothing reads `rec`: inductor drops what no output depends on)
             else:
                 mem_k, mem_v, cos, sin, sink_cos, sink_sin = step.parts[i]
                 parts = [(qr, k[:, :, n_s:], v[:, :, n_s:], False),
@@ -377,7 +381,8 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
         if step.queries[i] is not None:  # (a layer with retrieval heads) choose=ahead: `finish_static` chooses with it
             step.queries[i].copy_(query)
         step.calls += 1
-        layer.received.index_fill_(1, step.slot, 0.0).add_(torch.cat(received) if len(received) > 1 else received[0])
+        if self.observe:
+            layer.received.index_fill_(1, step.slot, 0.0).add_(torch.cat(received) if len(received) > 1 else received[0])
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [1, 1, Hq, Dv]
 
     def _retrieval_query(self, layer_idx: int, query: torch.Tensor) -> torch.Tensor:
