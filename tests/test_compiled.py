@@ -115,12 +115,13 @@ def test_memory_compiled_decode_equals_eager(arch, params):
 
 @pytest.mark.parametrize("arch,pattern,params", [
     # 2 KV heads: a layer of both kinds, one of streaming heads only (it keeps no blocks), one of retrieval heads
-    ("llama", [[True, False], [False, False], [True, True]], {}),
+    # (InfLLM's representatives: the attention every slot received is traced too)
+    ("llama", [[True, False], [False, False], [True, True]], {"rep_rule": "attention"}),
     # 4 KV heads in alternating runs (several runs of each kind in a layer), a quarter of each head rotating
-    ("gpt_neox", [[False, True, False, True], [True, False, True, True]], {}),
+    ("gpt_neox", [[False, True, False, True], [True, False, True, True]], {"rep_rule": "attention"}),
     ("cohere", [[False, True], [True, False]], {"sinks": 0}),  # interleaved rotary pairs; no sinks
     ("llama", [[True, False], [False, False], [True, True]], {"choose": "ahead"}),  # choosing steps compile too
-    ("llama", [[True, False], [False, True]], {"rep_rule": "mean"}),  # memory's rule: no attention observed
+    ("llama", [[True, False], [False, True]], {}),  # the defaults (memory's representatives: nothing observed)
 ])
 def test_duo_memory_compiled_decode_equals_eager(arch, pattern, params):
     """duo with retrieval=memory (bounded): its steps between two choices of blocks run compiled, each layer's
