@@ -66,7 +66,8 @@ store, evict or store a block run eagerly.
 `duo` with `retrieval=memory` is memory's layout per run of heads: its steps between two choices are steady
 in the same way, and its `_attend_static` attends each run of neighbouring heads of one kind as the eager
 step does (streaming runs the slot buffer; retrieval runs its window slots, their blocks and their sinks
-rotated from the pristine copies), adding the attention each slot received (its blocks' representatives).
+rotated from the pristine copies), and with `rep_rule=attention` adds the attention each slot received (the
+keys its blocks are then indexed by).
 
 With `choose=ahead` (memory's parameter) a step that chooses does it after its attention, for the next
 steps: those steps are steady too, each layer's query is copied into a buffer by the traced attention, and

@@ -36,7 +36,6 @@ Two kinds of retrieval heads (`retrieval=`):
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -303,7 +302,7 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
                     and len(prev) == self._n_retrieved()):
                 ids = prev  # a decode step between two choices (memory's `reselect`), or choosing ahead: the last choice stands
             else:
-                ids = self._select(layer_idx, self._retrieval_query(layer_idx, query), span, plan.window_start)
+                ids = self._select(layer_idx, self._scoring_query(layer_idx, query), span, plan.window_start)
             mem_k, mem_v = self._fetch(layer_idx, ids)  # [1, H_r, G, D]
         self.retrieved[layer_idx] = self.ahead[layer_idx] = ids
 
@@ -329,10 +328,10 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
     # As memory's: a step between two choices of blocks changes nothing but the new token's slot, so it takes
     # the fixed-shape path (`MemoryCache._static_steady`). Its attention (`_attend_static`) is `attend`'s with
     # tensor ops only: each run of heads as `_attend_runs` attends it, over the whole slot buffer (unused slots
-    # masked), and the attention the keys received added to the layer's scores (the retrieval heads' blocks
-    # are indexed by it). Steps that choose, evict or store stay eager.
+    # masked), and, with rep_rule=attention, the attention the keys received added to the layer's scores (the
+    # retrieval heads' blocks are then indexed by it). Steps that choose, evict or store stay eager.
     @property
-    def static_decode_capable(self) -> bool:  # (memory's excludes observing policies; this one observes in the trace)
+    def static_decode_capable(self) -> bool:  # (memory's excludes rep_rule=attention; duo observes it in the trace)
         return self._static_layout()
 
     def _choosing_layers(self) -> list[int]:
@@ -354,7 +353,8 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
         """A static step's attention (traced): `attend` reusing the last choice, over the whole slot buffer
         [1, H, capacity, D] (unused slots masked by `step.bias`). Streaming runs attend the buffer; retrieval
         runs its window slots, their blocks (the query rotated for them) and their sinks rotated from the
-        pristine copies. Adds each slot's received attention to the layer's scores, the new slot's from 0."""
+        pristine copies. With rep_rule=attention, adds each slot's received attention to the layer's scores, the
+        new slot's from 0."""
         i, step = module.layer_idx, self._static
         layer, rope, n_s = self.layers[i], self.rope_for_layer(i), self.sinks
         g = query.shape[1] // keys.shape[1]
@@ -385,19 +385,11 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
             layer.received.index_fill_(1, step.slot, 0.0).add_(torch.cat(received) if len(received) > 1 else received[0])
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [1, 1, Hq, Dv]
 
-    def _retrieval_query(self, layer_idx: int, query: torch.Tensor) -> torch.Tensor:
+    def _scoring_query(self, layer_idx: int, query: torch.Tensor) -> torch.Tensor:
         """The query heads of the layer's retrieval heads [1, H_r*g, q, D] (its index holds those heads only)."""
         mask = self.heads[layer_idx]
         g = query.shape[1] // mask.numel()
         return query[:, (mask.nonzero()[:, 0, None] * g + torch.arange(g)).reshape(-1)]
-
-    def _choose_ahead(self, layer_idx: int, query: torch.Tensor, plan) -> None:
-        """choose=ahead (memory's): after the attention, choose and read the blocks the next steps attend, with
-        the retrieval heads' queries; the blocks sit `_span()` places before the window."""
-        t0 = time.perf_counter()
-        self.ahead[layer_idx] = self._select(layer_idx, self._retrieval_query(layer_idx, query), self._span(), plan.window_start)
-        self._fetch(layer_idx, self.ahead[layer_idx])
-        self.retrieval_seconds += time.perf_counter() - t0
 
     def describe(self) -> dict:
         return {**MemoryCache.describe(self), **self._duo_describe()}

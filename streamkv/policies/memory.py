@@ -199,6 +199,10 @@ class MemoryCache(StreamingCache):
         """Positions the retrieved blocks occupy right before the window this step (duo places them itself)."""
         return plan.gap
 
+    def _scoring_query(self, layer_idx: int, query: torch.Tensor) -> torch.Tensor:
+        """The query heads that score the layer's blocks: all (duo: its retrieval heads' only)."""
+        return query
+
     def _standing(self, layer_idx: int):
         """The blocks a decode step attends when it does not choose before attending."""
         return self.ahead.get(layer_idx) if self.choose == "ahead" else self.retrieved.get(layer_idx)
@@ -280,7 +284,8 @@ class MemoryCache(StreamingCache):
     def _choose_ahead(self, layer_idx: int, query: torch.Tensor, plan) -> None:
         """choose=ahead: after this step's attention, choose (and read) the blocks the next steps attend."""
         t0 = time.perf_counter()
-        self.ahead[layer_idx] = self._select(layer_idx, query, plan.gap, plan.window_start)
+        self.ahead[layer_idx] = self._select(layer_idx, self._scoring_query(layer_idx, query), self._mem_gap(plan),
+                                             plan.window_start)
         self._fetch(layer_idx, self.ahead[layer_idx])
         self.retrieval_seconds += time.perf_counter() - t0
 
