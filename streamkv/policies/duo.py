@@ -363,18 +363,19 @@ class DuoMemoryCache(_HeadRuns, MemoryCache):
             qr = query[:, a * g : b * g]  # [1, (b-a)*g, 1, D]
             k, v = keys[:, a:b], values[:, a:b]  # [1, b-a, capacity, D]
             if not retrieval:
-                out, (rec,) = attend_one_traced(qr, [(qr, k, v, False)], scaling, step.bias, received=True)
-                # (with rep_rule=mean, the default, nothing reads `rec`: inductor drops what no output depends on)
+                res = attend_one_traced(qr, [(qr, k, v, False)], scaling, step.bias, received=self.observe)
+                out, rec = (res[0], res[1][0]) if self.observe else (res, None)
             else:
                 mem_k, mem_v, cos, sin, sink_cos, sink_sin = step.parts[i]
                 parts = [(qr, k[:, :, n_s:], v[:, :, n_s:], False),
                          (rope.apply(qr, cos, sin), mem_k[:, r : r + b - a], mem_v[:, r : r + b - a], False)]
                 if n_s:
                     parts.append((qr, rope.apply(layer.pin_keys[:, a:b, :n_s], sink_cos, sink_sin), v[:, :, :n_s], False))
-                out, recs = attend_one_traced(qr, parts, scaling, step.bias[n_s:], received=True)
-                # [b-a, capacity]: the sink slots get what the sinks received where these heads see them (eager
-                # sums it over the buffer's copies, placed for the streaming heads; a sink's score is never read)
-                rec = torch.cat([recs[2], recs[0]], dim=1) if n_s else recs[0]
+                res = attend_one_traced(qr, parts, scaling, step.bias[n_s:], received=self.observe)
+                out, rec = res if self.observe else (res, None)
+                if rec is not None:  # [b-a, capacity]: the sink slots get what the sinks received where these heads
+                    # see them (eager sums it over the buffer's copies, placed for the streaming heads; never read)
+                    rec = torch.cat([rec[2], rec[0]], dim=1) if n_s else rec[0]
                 r += b - a
             outs.append(out)  # [1, 1, (b-a)*g, Dv]
             received.append(rec)
